@@ -1,0 +1,238 @@
+"""Optimizer and scheduler parity with Pyro 1.9.2: params after several SVI steps.
+
+The model has a Delta (MAP) guide, so a step is deterministic and two engines given the
+same optimizer semantics must follow the same trajectory.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("pyro")
+
+from parity_harness import assert_close, assert_same_params, both, train, unconstrained  # noqa: E402
+
+_g = torch.Generator().manual_seed(99)
+N = 20
+DATA = 4.0 + torch.randn(N, generator=_g, dtype=torch.float64)
+
+
+def model(B, x, use_c=True):
+    a = B.pyro.sample("a", B.dist.Normal(0.0, 2.0))
+    b = B.pyro.sample("b", B.dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    noise = B.pyro.param("noise", torch.tensor(0.5), constraint=B.constraints.positive)
+    shift = B.pyro.param("c", torch.tensor(-1.0)) if use_c else 0.0
+    with B.pyro.plate("data", len(x)):
+        B.pyro.sample("obs", B.dist.Normal(a + b.sum() + shift, noise), obs=x)
+
+
+def guide(B, x, use_c=True, reverse=False):
+    def a():
+        B.pyro.sample("a", B.dist.Delta(B.pyro.param("a_map", torch.tensor(3.0))))
+
+    def b():
+        b_map = B.pyro.param("b_map", torch.tensor([-1.0, 2.0]))
+        B.pyro.sample("b", B.dist.Delta(b_map, event_dim=1))
+
+    for site in (b, a) if reverse else (a, b):
+        site()
+
+
+def guide_fwd(B, x, use_c=True):
+    guide(B, x, use_c)
+
+
+def _trajectories(make_optim, steps=8, after_step=None):
+    return [
+        train(B, model, guide_fwd, make_optim, steps, (DATA,), after_step=after_step)
+        for B in both()
+    ]
+
+
+def _check(results, what):
+    (want_losses, want), (losses, got) = results
+    assert_close(losses, want_losses, f"{what}: per-step losses")
+    assert_same_params(got, want, f"{what}: params")
+
+
+def test_gradients_exceed_clip_norm():
+    """The ClippedAdam test below is only meaningful if clipping bites: check it does."""
+    B, _ = both()
+    B.pyro.clear_param_store()
+    B.infer.Trace_ELBO().loss_and_grads(
+        lambda x: model(B, x), lambda x: guide_fwd(B, x), DATA
+    )
+    assert max(p.grad.abs().max().item() for p in unconstrained(B).values()) > 5.0
+
+
+def test_clipped_adam_clip_norm_and_lrd():
+    def make(B):
+        return B.optim.ClippedAdam(
+            {"lr": 0.1, "clip_norm": 0.5, "lrd": 0.9, "betas": (0.9, 0.99), "weight_decay": 0.01}
+        )
+
+    _check(_trajectories(make, steps=10), "ClippedAdam")
+
+
+def test_clipped_adam_lrd_with_intermittent_param():
+    """A param touched on some steps only: in Pyro its lr decays only on steps that update it."""
+    results = []
+    for B in both():
+        B.pyro.clear_param_store()
+        optim = B.optim.ClippedAdam({"lr": 0.2, "clip_norm": 2.0, "lrd": 0.7})
+        svi = B.infer.SVI(
+            lambda x, use_c: model(B, x, use_c),
+            lambda x, use_c: guide(B, x, use_c),
+            optim,
+            B.infer.Trace_ELBO(),
+        )
+        losses = [svi.step(DATA, use_c=(i % 3 == 0)) for i in range(9)]
+        results.append((losses, {n: p.detach().clone() for n, p in unconstrained(B).items()}))
+    _check(results, "ClippedAdam with a param used every third step")
+
+
+def test_adam_with_late_param():
+    """A param that first appears at step 4 gets fresh optimizer state then."""
+    results = []
+    for B in both():
+        B.pyro.clear_param_store()
+        svi = B.infer.SVI(
+            lambda x, use_c: model(B, x, use_c),
+            lambda x, use_c: guide(B, x, use_c),
+            B.optim.Adam({"lr": 0.1}),
+            B.infer.Trace_ELBO(),
+        )
+        losses = [svi.step(DATA, use_c=i >= 3) for i in range(7)]
+        results.append((losses, {n: p.detach().clone() for n, p in unconstrained(B).items()}))
+    _check(results, "Adam with a param appearing at step 4")
+
+
+def test_per_param_optim_callable():
+    lrs = {"a_map": 0.3, "b_map": 0.01, "noise": 0.05, "c": 0.0}
+
+    def make(B):
+        return B.optim.Adam(lambda name: {"lr": lrs[name], "betas": (0.9, 0.999)})
+
+    results = _trajectories(make)
+    _check(results, "Adam with per-param callable")
+    assert results[1][1]["c"].item() == -1.0  # lr 0 keeps its initial value
+
+
+@pytest.mark.parametrize(
+    "name,args",
+    [
+        ("Adam", {"lr": 0.05}),
+        ("SGD", {"lr": 0.002, "momentum": 0.9}),
+        ("AdamW", {"lr": 0.05, "weight_decay": 0.1}),
+        ("RMSprop", {"lr": 0.01}),
+        ("Adagrad", {"lr": 0.1}),
+    ],
+)
+def test_optimizer_trajectory(name, args):
+    def make(B):
+        return getattr(B.optim, name)(dict(args))
+
+    _check(_trajectories(make), name)
+
+
+SCHEDULERS = {
+    "ExponentialLR": lambda: {
+        "optimizer": torch.optim.Adam,
+        "optim_args": {"lr": 0.1},
+        "gamma": 0.8,
+    },
+    "StepLR": lambda: {
+        "optimizer": torch.optim.SGD,
+        "optim_args": {"lr": 0.002},
+        "step_size": 2,
+        "gamma": 0.5,
+    },
+    "OneCycleLR": lambda: {
+        "optimizer": torch.optim.SGD,
+        "optim_args": {"lr": 0.002, "momentum": 0.9},
+        "max_lr": 0.01,
+        "total_steps": 12,
+    },
+    "ReduceLROnPlateau": lambda: {
+        "optimizer": torch.optim.Adam,
+        "optim_args": {"lr": 0.5},
+        "factor": 0.5,
+        "patience": 0,
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_scheduler_trajectory(name):
+    def make(B):
+        return getattr(B.optim, name)(SCHEDULERS[name]())
+
+    def after_step(B, scheduler, i, loss):
+        if name == "ReduceLROnPlateau":
+            scheduler.step(loss)
+        else:
+            scheduler.step()
+
+    _check(_trajectories(make, steps=10, after_step=after_step), name)
+
+
+def test_generic_scheduler_wrapper():
+    def make(B):
+        return B.optim.PyroLRScheduler(
+            torch.optim.lr_scheduler.LambdaLR,
+            {
+                "optimizer": torch.optim.Adam,
+                "optim_args": {"lr": 0.2},
+                "lr_lambda": lambda epoch: 1.0 / (1.0 + epoch),
+            },
+        )
+
+    def after_step(B, scheduler, i, loss):
+        scheduler.step()
+
+    _check(_trajectories(make, steps=8, after_step=after_step), "PyroLRScheduler(LambdaLR)")
+
+
+CONSTRAINTS = {"a_map": None, "b_map": None, "noise": "positive", "c": None}
+
+
+def _resumed_run(B, tmp_path, steps_before, steps_after):
+    """Train, save param store and optimizer state, rebuild the store in reversed creation
+    order, load, and carry on with a guide that touches its params in reversed order."""
+    B.pyro.clear_param_store()
+    optim = B.optim.Adam({"lr": 0.1, "betas": (0.8, 0.9)})
+    elbo = B.infer.Trace_ELBO()
+    svi = B.infer.SVI(lambda x: model(B, x), lambda x: guide(B, x), optim, elbo)
+    for _ in range(steps_before):
+        svi.step(DATA)
+    path = tmp_path / f"{B.name}_optim.pt"
+    optim.save(str(path))
+    saved = {n: B.pyro.param(n).detach().clone() for n in B.pyro.get_param_store().keys()}
+
+    B.pyro.clear_param_store()
+    for name in reversed(list(saved)):
+        c = CONSTRAINTS[name]
+        if c is None:
+            B.pyro.param(name, saved[name].clone())
+        else:
+            B.pyro.param(name, saved[name].clone(), constraint=getattr(B.constraints, c))
+    optim2 = B.optim.Adam({"lr": 0.1, "betas": (0.8, 0.9)})
+    optim2.load(str(path))
+    svi2 = B.infer.SVI(
+        lambda x: model(B, x), lambda x: guide(B, x, reverse=True), optim2, B.infer.Trace_ELBO()
+    )
+    losses = [svi2.step(DATA) for _ in range(steps_after)]
+    return losses, {n: p.detach().clone() for n, p in unconstrained(B).items()}
+
+
+def test_optim_state_resume_in_another_order(tmp_path):
+    pyro_b, distsvi_b = both()
+
+    def make(B):
+        return B.optim.Adam({"lr": 0.1, "betas": (0.8, 0.9)})
+
+    want_losses, want = train(pyro_b, model, guide_fwd, make, 6, (DATA,))
+    got_losses, got = _resumed_run(distsvi_b, tmp_path, 3, 3)
+    assert_close(got_losses, want_losses[3:], "losses after resuming")
+    assert_same_params(got, want, "params after resuming (vs Pyro uninterrupted)")
