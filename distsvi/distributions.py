@@ -1,0 +1,216 @@
+"""torch.distributions with Pyro's conveniences: ``.to_event``, ``.mask``, ``.expand_by``.
+
+Every class of :mod:`torch.distributions` is re-exported here as a subclass that adds
+:class:`DistributionMixin`, so ``dist.Normal(0, 1).expand([3]).to_event(1)`` works as in
+Pyro. Any other :class:`torch.distributions.Distribution` (Pyro's own included) can still
+be passed to :func:`distsvi.sample`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+import torch.distributions as _td
+from torch.distributions import constraints, kl_divergence as _torch_kl, register_kl
+from torch.distributions.utils import broadcast_all
+
+__all__ = ["constraints", "kl_divergence", "Delta", "MaskedDistribution", "DistributionMixin"]
+
+
+class DistributionMixin:
+    """Pyro's shape helpers, added to every distribution class of this module."""
+
+    def __call__(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        return self.rsample(sample_shape) if self.has_rsample else self.sample(sample_shape)
+
+    def to_event(self, reinterpreted_batch_ndims: int | None = None):
+        """Treat the rightmost ``n`` batch dims as event dims (all of them when ``None``)."""
+        if reinterpreted_batch_ndims is None:
+            reinterpreted_batch_ndims = len(self.batch_shape)
+        if reinterpreted_batch_ndims == 0:
+            return self
+        return Independent(self, reinterpreted_batch_ndims)
+
+    def expand_by(self, sample_shape):
+        """Expand the batch shape by ``sample_shape`` on the left."""
+        return self.expand(torch.Size(sample_shape) + self.batch_shape)
+
+    def mask(self, mask: bool | torch.Tensor):
+        """Zero the log-density where ``mask`` is False (``mask`` broadcasts to batch shape)."""
+        if isinstance(mask, bool) and mask:
+            return self
+        return MaskedDistribution(self, mask)
+
+    def shape(self, sample_shape: torch.Size = torch.Size()) -> torch.Size:
+        return torch.Size(sample_shape) + self.batch_shape + self.event_shape
+
+
+def _export(cls: type) -> type:
+    if DistributionMixin in cls.__mro__:
+        return cls
+    return type(cls.__name__, (cls, DistributionMixin), {"__module__": __name__})
+
+
+_namespace = globals()
+for _name in _td.__all__:
+    _cls = getattr(_td, _name)
+    if inspect.isclass(_cls) and issubclass(_cls, _td.Distribution):
+        _namespace[_name] = _export(_cls)
+        __all__.append(_name)
+
+
+class MaskedDistribution(_td.Distribution, DistributionMixin):
+    """Wrap ``base_dist`` so that its log-density is zero where ``mask`` is False."""
+
+    arg_constraints: dict = {}
+
+    def __init__(self, base_dist: _td.Distribution, mask: bool | torch.Tensor) -> None:
+        if isinstance(mask, bool):
+            mask = torch.tensor(mask)
+        elif mask.dtype != torch.bool:
+            raise ValueError(f".mask() needs a bool tensor, got dtype {mask.dtype}")
+        batch_shape = torch.broadcast_shapes(mask.shape, base_dist.batch_shape)
+        if mask.shape != batch_shape:
+            mask = mask.expand(batch_shape)
+        if base_dist.batch_shape != batch_shape:
+            base_dist = base_dist.expand(batch_shape)
+        self.base_dist = base_dist
+        self._mask = mask
+        super().__init__(batch_shape, base_dist.event_shape, validate_args=False)
+
+    @property
+    def has_rsample(self) -> bool:
+        return self.base_dist.has_rsample
+
+    @property
+    def has_enumerate_support(self) -> bool:
+        return self.base_dist.has_enumerate_support
+
+    @constraints.dependent_property
+    def support(self):
+        return self.base_dist.support
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        return MaskedDistribution(self.base_dist.expand(batch_shape), self._mask.expand(batch_shape))
+
+    def sample(self, sample_shape=torch.Size()):
+        return self.base_dist.sample(sample_shape)
+
+    def rsample(self, sample_shape=torch.Size()):
+        return self.base_dist.rsample(sample_shape)
+
+    def log_prob(self, value):
+        lp = self.base_dist.log_prob(value)
+        return torch.where(self._mask, lp, lp.new_zeros(()))
+
+    def enumerate_support(self, expand=True):
+        return self.base_dist.enumerate_support(expand)
+
+    @property
+    def mean(self):
+        return self.base_dist.mean
+
+    @property
+    def variance(self):
+        return self.base_dist.variance
+
+
+class Delta(_td.Distribution, DistributionMixin):
+    """A point mass at ``v``; ``log_density`` is added to its log-probability.
+
+    :param v: the point, of shape ``batch_shape + event_shape``.
+    :param log_density: an optional log-density (e.g. a Jacobian) for the point.
+    :param event_dim: how many rightmost dims of ``v`` are event dims.
+    """
+
+    has_rsample = True
+    arg_constraints = {"v": constraints.dependent, "log_density": constraints.real}
+
+    def __init__(
+        self, v: torch.Tensor, log_density: Any = 0.0, event_dim: int = 0, validate_args=None
+    ) -> None:
+        if event_dim > v.dim():
+            raise ValueError(f"Delta: event_dim={event_dim} exceeds v.dim()={v.dim()}")
+        batch_dim = v.dim() - event_dim
+        batch_shape, event_shape = v.shape[:batch_dim], v.shape[batch_dim:]
+        if isinstance(log_density, (int, float)):
+            log_density = torch.full(batch_shape, float(log_density), dtype=v.dtype, device=v.device)
+        elif log_density.shape != batch_shape:
+            log_density = log_density.expand(batch_shape)
+        self.v = v
+        self.log_density = log_density
+        super().__init__(batch_shape, event_shape, validate_args=False)
+
+    @constraints.dependent_property
+    def support(self):
+        return constraints.independent(constraints.real, len(self.event_shape))
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        v = self.v.expand(batch_shape + self.event_shape)
+        return Delta(v, self.log_density.expand(batch_shape), len(self.event_shape))
+
+    def rsample(self, sample_shape=torch.Size()):
+        return self.v.expand(torch.Size(sample_shape) + self.v.shape)
+
+    def sample(self, sample_shape=torch.Size()):
+        return self.rsample(sample_shape).detach()
+
+    def log_prob(self, x):
+        v = self.v.expand(torch.broadcast_shapes(self.v.shape, x.shape))
+        lp = (x == v).to(v.dtype).log()
+        if self.event_shape:
+            lp = lp.sum(tuple(range(-len(self.event_shape), 0)))
+        return lp + self.log_density
+
+    @property
+    def mean(self):
+        return self.v
+
+    @property
+    def variance(self):
+        return torch.zeros_like(self.v)
+
+
+def _unwrap_masked(d):
+    return (d.base_dist, d._mask) if isinstance(d, MaskedDistribution) else (d, None)
+
+
+def kl_divergence(p: _td.Distribution, q: _td.Distribution) -> torch.Tensor:
+    """KL(p || q), as torch computes it, also through ``.mask()`` and mismatched ``.to_event``.
+
+    Raises ``NotImplementedError`` when torch has no closed form for the pair.
+    """
+    p_base, p_mask = _unwrap_masked(p)
+    q_base, _ = _unwrap_masked(q)
+    if isinstance(p_base, _td.Independent) and isinstance(q_base, _td.Independent):
+        n = p_base.reinterpreted_batch_ndims
+        if n == q_base.reinterpreted_batch_ndims:
+            kl = kl_divergence(p_base.base_dist, q_base.base_dist)
+            kl = kl.sum(tuple(range(-n, 0))) if n else kl
+        else:
+            kl = _torch_kl(p_base, q_base)
+    elif isinstance(p_base, _td.Independent) and not q_base.event_shape:
+        # q is a batch of scalars that the model broadcast to p's event shape
+        n = p_base.reinterpreted_batch_ndims
+        q_full = q_base.expand(p_base.base_dist.batch_shape)
+        kl = kl_divergence(p_base.base_dist, q_full).sum(tuple(range(-n, 0)))
+    else:
+        if p_base.batch_shape != q_base.batch_shape:
+            shape = torch.broadcast_shapes(p_base.batch_shape, q_base.batch_shape)
+            p_base, q_base = p_base.expand(shape), q_base.expand(shape)
+        kl = _torch_kl(p_base, q_base)
+    if p_mask is not None:
+        kl = torch.where(p_mask, kl, kl.new_zeros(()))
+    return kl
+
+
+@register_kl(Delta, _td.Distribution)
+def _kl_delta(p: Delta, q: _td.Distribution) -> torch.Tensor:
+    return -q.log_prob(p.v)
+
+
+__all__ += ["broadcast_all"]

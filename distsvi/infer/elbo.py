@@ -1,0 +1,277 @@
+"""Evidence lower bounds: :class:`Trace_ELBO` and :class:`TraceMeanField_ELBO`.
+
+Each returns the *negative* ELBO (a loss to minimise), like Pyro. On the loss path
+nothing calls ``.item()``: the loss stays a tensor until :meth:`SVI.step` returns it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .. import primitives
+from ..distributions import kl_divergence
+from ..poutine import handlers as poutine
+from ..poutine.trace_struct import Trace, check_site_shape, scale_and_mask
+
+
+def _is_zero(x: Any) -> bool:
+    return isinstance(x, (int, float)) and x == 0
+
+
+class ELBO:
+    """Base class: how to draw (model, guide) trace pairs, particles and validation.
+
+    :param num_particles: number of samples averaged per estimate.
+    :param max_plate_nesting: bound on nested plates (needed by vectorized particles;
+        guessed by a trial run when not given, as in Pyro).
+    :param vectorize_particles: draw all particles in one pass, as a leftmost batch dim.
+    :param retain_graph: passed to ``backward``.
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 1,
+        max_plate_nesting: float = float("inf"),
+        max_iarange_nesting: float | None = None,
+        vectorize_particles: bool = False,
+        strict_enumeration_warning: bool = True,
+        ignore_jit_warnings: bool = False,
+        jit_options: dict | None = None,
+        retain_graph: bool | None = None,
+        tail_adaptive_beta: float = -1.0,
+    ) -> None:
+        if max_iarange_nesting is not None:
+            max_plate_nesting = max_iarange_nesting
+        if not (isinstance(num_particles, int) and num_particles >= 1):
+            raise ValueError(f"num_particles must be a positive int, got {num_particles!r}")
+        self.num_particles = num_particles
+        self.max_plate_nesting = max_plate_nesting
+        self.vectorize_particles = vectorize_particles
+        self.retain_graph = retain_graph
+        self._checked: set = set()
+
+    # traces --------------------------------------------------------------------------
+    def _raw_traces(self, model, guide, args, kwargs) -> tuple[Trace, Trace]:
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+        return model_trace, guide_trace
+
+    def _get_trace(self, model, guide, args, kwargs) -> tuple[Trace, Trace]:
+        model_trace, guide_trace = self._raw_traces(model, guide, args, kwargs)
+        model_trace.compute_log_prob()
+        guide_trace.compute_score_parts()
+        if primitives.is_validation_enabled():
+            self._validate(model_trace, guide_trace)
+        return model_trace, guide_trace
+
+    def _validate(self, model_trace: Trace, guide_trace: Trace) -> None:
+        """Model/guide checks, run once per distinct set of sites."""
+        key = (tuple(model_trace.nodes), tuple(guide_trace.nodes))
+        if key in self._checked:
+            return
+        model_latent = {
+            n for n, s in model_trace.nodes.items() if s["type"] == "sample" and not s["is_observed"]
+        }
+        guide_latent = {
+            n
+            for n, s in guide_trace.nodes.items()
+            if s["type"] == "sample" and not s["is_observed"] and not s["infer"].get("is_auxiliary")
+        }
+        missing = model_latent - set(guide_trace.nodes)
+        if missing:
+            warnings.warn(
+                f"Found vars in model but not guide: {sorted(missing)}. They are sampled from "
+                "the prior and add no guide term; add them to the guide (or observe them).",
+                stacklevel=4,
+            )
+        extra = guide_latent - model_latent - set(model_trace.observation_nodes)
+        if extra:
+            warnings.warn(
+                f"Found non-auxiliary vars in guide but not model: {sorted(extra)}; mark them "
+                "infer={'is_auxiliary': True} or add them to the model.",
+                stacklevel=4,
+            )
+        for trace in (model_trace, guide_trace):
+            for site in trace.nodes.values():
+                if site["type"] == "sample":
+                    check_site_shape(site, self.max_plate_nesting)
+        self._checked.add(key)
+
+    def _guess_max_plate_nesting(self, model, guide, args, kwargs) -> None:
+        with poutine.block():
+            model_trace, guide_trace = self._raw_traces(model, guide, args, kwargs)
+        dims = [
+            f.dim
+            for trace in (model_trace, guide_trace)
+            for site in trace.nodes.values()
+            if site["type"] == "sample"
+            for f in site["cond_indep_stack"]
+            if f.dim is not None
+        ]
+        self.max_plate_nesting = -min(dims) if dims else 0
+        if self.vectorize_particles:
+            self.max_plate_nesting += 1
+
+    def _vectorized(self, fn: Callable) -> Callable:
+        def wrapped(*args, **kwargs):
+            dim = -int(self.max_plate_nesting)
+            with primitives.plate("num_particles_vectorized", self.num_particles, dim=dim):
+                return fn(*args, **kwargs)
+
+        return wrapped
+
+    def _get_traces(self, model, guide, args, kwargs) -> Iterator[tuple[Trace, Trace]]:
+        if self.vectorize_particles:
+            if self.max_plate_nesting == float("inf"):
+                self._guess_max_plate_nesting(model, guide, args, kwargs)
+            yield self._get_trace(self._vectorized(model), self._vectorized(guide), args, kwargs)
+        else:
+            for _ in range(self.num_particles):
+                yield self._get_trace(model, guide, args, kwargs)
+
+    # losses --------------------------------------------------------------------------
+    def _differentiable_loss_particle(
+        self, model_trace: Trace, guide_trace: Trace
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss, surrogate_loss)`` of one particle; subclasses define it."""
+        raise NotImplementedError
+
+    def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs):
+        """The loss as a tensor whose value is the loss and whose gradient is the estimator's."""
+        loss, surrogate = 0.0, 0.0
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            particle_loss, particle_surrogate = self._differentiable_loss_particle(
+                model_trace, guide_trace
+            )
+            loss = loss + particle_loss / self.num_particles
+            surrogate = surrogate + particle_surrogate / self.num_particles
+        if not isinstance(surrogate, torch.Tensor):
+            return torch.as_tensor(loss)
+        return loss + (surrogate - surrogate.detach())
+
+    def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
+        """The loss estimate (negative ELBO) as a float; no gradients."""
+        with torch.no_grad():
+            total = 0.0
+            for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+                loss, _ = self._differentiable_loss_particle(model_trace, guide_trace)
+                total = total + loss
+            return float(total / self.num_particles)  # host sync: the caller wants a number
+
+    def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs) -> torch.Tensor:
+        """Backpropagate the surrogate loss; return the loss as a detached 0-dim tensor."""
+        total = 0.0
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            loss, surrogate = self._differentiable_loss_particle(model_trace, guide_trace)
+            total = total + loss
+            if isinstance(surrogate, torch.Tensor) and surrogate.requires_grad:
+                (surrogate / self.num_particles).backward(retain_graph=self.retain_graph)
+        total = total / self.num_particles
+        return total if isinstance(total, torch.Tensor) else torch.tensor(total)
+
+
+def _plate_frames(site: dict) -> frozenset:
+    return frozenset(f for f in site["cond_indep_stack"] if f.dim is not None)
+
+
+def _sum_to(terms: dict, target: frozenset):
+    """Sum the per-plate terms down to the plates in ``target`` (Rao-Blackwellised cost)."""
+    total = 0.0
+    for frames, value in terms.items():
+        for f in frames:
+            if f not in target and value.dim() >= -f.dim and value.shape[f.dim] != 1:
+                value = value.sum(f.dim, keepdim=True)
+        while value.dim() and value.shape[0] == 1:
+            value = value.squeeze(0)
+        total = total + value
+    return total
+
+
+def _log_r_terms(model_trace: Trace, guide_trace: Trace) -> dict:
+    """``log p - log q`` of each site, grouped by the plates it lives in (detached)."""
+    terms: dict = {}
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        term = site["log_prob"]
+        if not site["is_observed"]:
+            term = term - guide_trace.nodes[name]["log_prob"]
+        frames = _plate_frames(site)
+        term = term.detach()
+        terms[frames] = terms[frames] + term if frames in terms else term
+    return terms
+
+
+class Trace_ELBO(ELBO):
+    """The standard ELBO estimator: pathwise gradients for reparameterised sites,
+    score-function terms (weighted by downstream ``log p - log q``) for the others.
+
+    Example::
+
+        svi = SVI(model, guide, Adam({"lr": 0.01}), Trace_ELBO())
+    """
+
+    def _differentiable_loss_particle(self, model_trace, guide_trace):
+        elbo = 0.0
+        for site in model_trace.nodes.values():
+            if site["type"] == "sample":
+                elbo = elbo + site["log_prob_sum"]
+        surrogate = elbo
+        log_r = None
+        for site in guide_trace.nodes.values():
+            if site["type"] != "sample":
+                continue
+            _, score, entropy = site["score_parts"]
+            elbo = elbo - site["log_prob_sum"]
+            if not _is_zero(entropy):
+                surrogate = surrogate - entropy.sum()
+            if not _is_zero(score):
+                if log_r is None:
+                    log_r = _log_r_terms(model_trace, guide_trace)
+                weight = _sum_to(log_r, _plate_frames(site))
+                surrogate = surrogate + (weight * score).sum()
+        loss = -elbo
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach()
+        return loss, -surrogate
+
+
+class TraceMeanField_ELBO(ELBO):
+    """ELBO with analytic KL(q || p) for each latent where torch has a closed form.
+
+    Assumes a mean-field guide whose latents are fully reparameterised; sites without
+    a closed-form KL fall back to the Monte-Carlo estimate.
+    """
+
+    def _differentiable_loss_particle(self, model_trace, guide_trace):
+        elbo = 0.0
+        for name, model_site in model_trace.nodes.items():
+            if model_site["type"] != "sample":
+                continue
+            if model_site["is_observed"]:
+                elbo = elbo + model_site["log_prob_sum"]
+                continue
+            guide_site = guide_trace.nodes[name]
+            if not guide_site["fn"].has_rsample:
+                raise NotImplementedError(
+                    f"TraceMeanField_ELBO needs reparameterised guide sites; {name!r} is not. "
+                    "Use Trace_ELBO or TraceGraph_ELBO for discrete latents."
+                )
+            try:
+                kl = kl_divergence(guide_site["fn"], model_site["fn"])
+            except NotImplementedError:
+                elbo = elbo + model_site["log_prob_sum"] - guide_site["score_parts"].entropy_term.sum()
+                continue
+            kl = scale_and_mask(kl, guide_site["scale"], guide_site["mask"])
+            elbo = elbo - kl.sum()
+        for name, guide_site in guide_trace.nodes.items():
+            if guide_site["type"] == "sample" and name not in model_trace.nodes:
+                # auxiliary guide sites enter as -log q
+                elbo = elbo - guide_site["log_prob_sum"]
+        loss = -elbo
+        return (loss.detach() if isinstance(loss, torch.Tensor) else loss), -elbo

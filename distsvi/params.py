@@ -1,0 +1,215 @@
+"""The param store: named tensors kept unconstrained, handed out constrained.
+
+Optimizers see the unconstrained leaf tensors (so a ``positive`` param can never step
+out of its support); :func:`distsvi.param` returns ``transform_to(constraint)(x)``, the
+same map Pyro uses, so gradients agree with Pyro's.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.distributions import constraints, transform_to
+
+
+def _spec(c: constraints.Constraint) -> str:
+    """A constraint as a string that survives ``torch.load(weights_only=True)``."""
+    if isinstance(c, constraints.independent):
+        return f"independent({_spec(c.base_constraint)},{c.reinterpreted_batch_ndims})"
+    for attr in ("lower_bound", "upper_bound"):
+        if hasattr(c, attr) and not isinstance(getattr(c, attr), (int, float)):
+            break
+    else:
+        if isinstance(c, (constraints.interval, constraints.half_open_interval)):
+            return f"{type(c).__name__.lstrip('_')}({c.lower_bound!r},{c.upper_bound!r})"
+        if isinstance(c, (constraints.greater_than, constraints.greater_than_eq)):
+            return f"{type(c).__name__.lstrip('_')}({c.lower_bound!r})"
+        if isinstance(c, constraints.less_than):
+            return f"{type(c).__name__.lstrip('_')}({c.upper_bound!r})"
+    for name in dir(constraints):
+        if getattr(constraints, name) is c:
+            return name
+    raise ValueError(
+        f"constraint {c!r} cannot be saved by name; use one of torch.distributions.constraints"
+    )
+
+
+_SPEC = re.compile(r"^(\w+)\((.*)\)$")
+
+
+def _from_spec(spec: str) -> constraints.Constraint:
+    m = _SPEC.match(spec)
+    if m is None:
+        return getattr(constraints, spec)
+    name, args = m.groups()
+    if name == "independent":
+        base, n = args.rsplit(",", 1)
+        return constraints.independent(_from_spec(base), int(n))
+    cls = getattr(constraints, name, None) or getattr(constraints, "_" + name[0].upper() + name[1:])
+    return cls(*(float(a) for a in args.split(",")))
+
+
+def _check_init(name: str, value: torch.Tensor, constraint: constraints.Constraint) -> None:
+    if constraint is constraints.real:
+        return
+    with torch.no_grad():
+        ok = constraint.check(value)
+    if not bool(ok.all()):
+        raise ValueError(
+            f"param {name!r}: initial value is outside its constraint {constraint}; "
+            f"give an init inside the support (e.g. a positive value for constraints.positive)"
+        )
+
+
+class ParamStore:
+    """A dict of named params: ``name -> unconstrained leaf tensor`` plus its constraint."""
+
+    def __init__(self) -> None:
+        self._params: dict[str, torch.Tensor] = {}
+        self._constraints: dict[str, constraints.Constraint] = {}
+        self._transforms: dict[str, Any] = {}
+
+    # dict-like access -------------------------------------------------------------
+    def clear(self) -> None:
+        self._params.clear()
+        self._constraints.clear()
+        self._transforms.clear()
+
+    def __len__(self) -> int:
+        return len(self._params)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._params
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._params)
+
+    def keys(self):
+        return self._params.keys()
+
+    def values(self) -> Iterator[torch.Tensor]:
+        return (self[k] for k in self._params)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, constrained value)`` pairs."""
+        return ((k, self[k]) for k in list(self._params))
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, unconstrained leaf tensor)`` pairs: what optimizers update."""
+        return iter(list(self._params.items()))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        t = self._transforms[name]
+        x = self._params[name]
+        return x if t is None else t(x)
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        constraint = self._constraints.setdefault(name, constraints.real)
+        self._set(name, value, constraint)
+
+    def __delitem__(self, name: str) -> None:
+        del self._params[name]
+        del self._constraints[name]
+        del self._transforms[name]
+
+    def _set(self, name: str, value: torch.Tensor, constraint: constraints.Constraint) -> None:
+        transform = None if constraint is constraints.real else transform_to(constraint)
+        with torch.no_grad():
+            if transform is None:
+                unconstrained = value
+            else:
+                unconstrained = transform.inv(value).contiguous()
+        if not unconstrained.is_leaf or (transform is not None and unconstrained is value):
+            unconstrained = unconstrained.detach().clone()
+        unconstrained.requires_grad_(True)
+        self._params[name] = unconstrained
+        self._constraints[name] = constraint
+        self._transforms[name] = transform
+
+    # Pyro's API ---------------------------------------------------------------------
+    def get_param(
+        self,
+        name: str,
+        init_tensor: torch.Tensor | Callable[[], torch.Tensor] | None = None,
+        constraint: constraints.Constraint = constraints.real,
+        event_dim: int | None = None,
+    ) -> torch.Tensor:
+        """The constrained value of ``name``, creating it from ``init_tensor`` if new."""
+        if name in self._params:
+            return self[name]
+        if init_tensor is None:
+            raise KeyError(
+                f"param {name!r} does not exist and no initial value was given; pass "
+                f"an init tensor: param({name!r}, torch.zeros(...))"
+            )
+        if callable(init_tensor) and not isinstance(init_tensor, torch.Tensor):
+            init_tensor = init_tensor()
+        if not isinstance(init_tensor, torch.Tensor):
+            init_tensor = torch.as_tensor(init_tensor, dtype=torch.get_default_dtype())
+        _check_init(name, init_tensor, constraint)
+        self._set(name, init_tensor, constraint)
+        return self[name]
+
+    def setdefault(self, name, init_constrained_value, constraint=constraints.real):
+        return self.get_param(name, init_constrained_value, constraint)
+
+    def replace_param(self, name: str, new_param: torch.Tensor, old_param: torch.Tensor) -> None:
+        if self[name] is not old_param:
+            raise ValueError(f"param {name!r}: old_param is not the stored value")
+        self[name] = new_param
+
+    def param_name(self, p: torch.Tensor) -> str | None:
+        """The name of an unconstrained tensor of this store, or ``None``."""
+        for k, v in self._params.items():
+            if v is p:
+                return k
+        return None
+
+    def get_state(self) -> dict:
+        """``{"params": {name: unconstrained}, "constraints": {name: constraint}}``."""
+        return {"params": dict(self._params), "constraints": dict(self._constraints)}
+
+    def set_state(self, state: dict) -> None:
+        """Load a state from :meth:`get_state` or :meth:`state_dict` (replaces same names)."""
+        for name, unconstrained in state["params"].items():
+            c = state["constraints"][name]
+            c = _from_spec(c) if isinstance(c, str) else c
+            p = unconstrained.detach().clone().requires_grad_(True)
+            self._params[name] = p
+            self._constraints[name] = c
+            self._transforms[name] = None if c is constraints.real else transform_to(c)
+
+    def state_dict(self) -> dict:
+        """Like :meth:`get_state` with constraints as strings: loadable with weights_only."""
+        return {
+            "params": {k: v.detach() for k, v in self._params.items()},
+            "constraints": {k: _spec(c) for k, c in self._constraints.items()},
+        }
+
+    def save(self, filename: str) -> None:
+        """Write the store to ``filename`` (readable by ``torch.load(weights_only=True)``)."""
+        torch.save(self.state_dict(), filename)
+
+    def load(self, filename: str, map_location: Any = None) -> None:
+        """Read a file written by :meth:`save` into the store."""
+        state = torch.load(filename, map_location=map_location, weights_only=True)
+        self.set_state(state)
+
+
+_PARAM_STORE = ParamStore()
+
+
+def get_param_store() -> ParamStore:
+    """The global param store, as in Pyro."""
+    return _PARAM_STORE
+
+
+def clear_param_store() -> None:
+    """Delete every param of the global store."""
+    _PARAM_STORE.clear()
+
+
+def param_with_module_name(module_name: str, param_name: str) -> str:
+    return f"{module_name}$$${param_name}"

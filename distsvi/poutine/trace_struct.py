@@ -1,0 +1,202 @@
+"""A record of one execution: an ordered dict of sites, and their log-densities."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from itertools import zip_longest
+from typing import Any, Callable, NamedTuple
+
+import torch
+
+
+class ScoreParts(NamedTuple):
+    """A site's log-density split for gradient estimation.
+
+    ``score_function`` is the term whose gradient needs the score-function (REINFORCE)
+    estimator (non-reparameterised sites); ``entropy_term`` is the pathwise one.
+    """
+
+    log_prob: torch.Tensor
+    score_function: Any
+    entropy_term: Any
+
+
+def scale_and_mask(tensor: torch.Tensor, scale: Any = 1.0, mask: Any = None) -> torch.Tensor:
+    """Multiply ``tensor`` by ``scale`` and zero it where ``mask`` is False."""
+    if mask is None:
+        if isinstance(scale, (int, float)) and scale == 1.0:
+            return tensor
+        return tensor * scale
+    return torch.where(mask, tensor * scale, tensor.new_zeros(()))
+
+
+def _site_log_prob(site: dict) -> torch.Tensor:
+    try:
+        return site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+    except (ValueError, RuntimeError) as e:
+        fn = site["fn"]
+        value = site["value"]
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(
+            f"sample site {site['name']!r}: cannot compute log_prob of a value of shape {shape} "
+            f"under {type(fn).__name__} with batch shape {tuple(fn.batch_shape)} and event shape "
+            f"{tuple(fn.event_shape)} (plates: {[f.name for f in site['cond_indep_stack']]}). "
+            "Make the observation broadcast with the distribution: index data with the plate's "
+            f"indices, or use .to_event(n) for event dims. ({e})"
+        ) from e
+
+
+class Trace:
+    """The sites of one run of a model or guide, in execution order.
+
+    ``nodes`` maps site names to their message dicts (keys as in Pyro: ``type``, ``name``,
+    ``fn``, ``args``, ``kwargs``, ``value``, ``is_observed``, ``infer``, ``scale``, ``mask``,
+    ``cond_indep_stack``, and after :meth:`compute_log_prob`, ``log_prob`` and
+    ``log_prob_sum``).
+    """
+
+    def __init__(self, graph_type: str = "flat") -> None:
+        self.nodes: OrderedDict[str, dict] = OrderedDict()
+        self.graph_type = graph_type
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.nodes
+
+    def __iter__(self):
+        return iter(self.nodes)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def add_node(self, site_name: str, **kwargs: Any) -> None:
+        """Add a site; a second site of the same name is an error (params may repeat)."""
+        name = site_name
+        old = self.nodes.get(name)
+        if old is not None:
+            if old["type"] != kwargs["type"]:
+                raise RuntimeError(
+                    f"site name {name!r} is used by a {old['type']} site and a {kwargs['type']} "
+                    "site; give each site its own name"
+                )
+            if kwargs["type"] != "param":
+                raise RuntimeError(
+                    f"Multiple {kwargs['type']} sites named {name!r}; every sample site needs a "
+                    "unique name (inside a loop, add the index: f'x_{i}')"
+                )
+        self.nodes[name] = kwargs
+
+    def copy(self) -> "Trace":
+        new = Trace(self.graph_type)
+        new.nodes = OrderedDict((k, dict(v)) for k, v in self.nodes.items())
+        return new
+
+    def detach_(self) -> None:
+        for site in self.nodes.values():
+            if site["type"] == "sample" and isinstance(site["value"], torch.Tensor):
+                site["value"] = site["value"].detach()
+
+    def compute_log_prob(self, site_filter: Callable[[str, dict], bool] = lambda n, s: True):
+        """Set ``log_prob`` (scaled and masked), ``unscaled_log_prob`` and ``log_prob_sum``."""
+        for name, site in self.nodes.items():
+            if site["type"] == "sample" and "log_prob" not in site and site_filter(name, site):
+                lp = _site_log_prob(site)
+                site["unscaled_log_prob"] = lp
+                lp = scale_and_mask(lp, site["scale"], site["mask"])
+                site["log_prob"] = lp
+                site["log_prob_sum"] = lp.sum()
+
+    def compute_score_parts(self) -> None:
+        """Set ``score_parts`` (and ``log_prob``) of every sample site."""
+        for site in self.nodes.values():
+            if site["type"] == "sample" and "score_parts" not in site:
+                lp = _site_log_prob(site)
+                site["unscaled_log_prob"] = lp
+                lp = scale_and_mask(lp, site["scale"], site["mask"])
+                site["log_prob"] = lp
+                site["log_prob_sum"] = lp.sum()
+                if site["fn"].has_rsample or site["is_observed"]:
+                    site["score_parts"] = ScoreParts(lp, 0, lp)
+                else:
+                    site["score_parts"] = ScoreParts(lp, lp, 0)
+
+    def log_prob_sum(self, site_filter: Callable[[str, dict], bool] = lambda n, s: True):
+        """The total (scaled) log-density of the sample sites that pass ``site_filter``."""
+        total = 0.0
+        for name, site in self.nodes.items():
+            if site["type"] == "sample" and site_filter(name, site):
+                if "log_prob_sum" not in site:
+                    lp = scale_and_mask(_site_log_prob(site), site["scale"], site["mask"])
+                    site["log_prob"] = lp
+                    site["log_prob_sum"] = lp.sum()
+                total = total + site["log_prob_sum"]
+        return total
+
+    @property
+    def stochastic_nodes(self) -> list[str]:
+        return [n for n, s in self.nodes.items() if s["type"] == "sample" and not s["is_observed"]]
+
+    @property
+    def observation_nodes(self) -> list[str]:
+        return [n for n, s in self.nodes.items() if s["type"] == "sample" and s["is_observed"]]
+
+    @property
+    def param_nodes(self) -> list[str]:
+        return [n for n, s in self.nodes.items() if s["type"] == "param"]
+
+    @property
+    def reparameterized_nodes(self) -> list[str]:
+        return [
+            n
+            for n, s in self.nodes.items()
+            if s["type"] == "sample" and not s["is_observed"] and s["fn"].has_rsample
+        ]
+
+    @property
+    def nonreparam_stochastic_nodes(self) -> list[str]:
+        return [
+            n
+            for n, s in self.nodes.items()
+            if s["type"] == "sample" and not s["is_observed"] and not s["fn"].has_rsample
+        ]
+
+    def iter_stochastic_nodes(self):
+        for name, site in self.nodes.items():
+            if site["type"] == "sample" and not site["is_observed"]:
+                yield name, site
+
+    def format_shapes(self) -> str:
+        """A table of each sample site's batch/event shape, for error messages."""
+        rows = []
+        for name, site in self.nodes.items():
+            if site["type"] == "sample":
+                fn = site["fn"]
+                rows.append(f"  {name}: batch {tuple(fn.batch_shape)} event {tuple(fn.event_shape)}")
+        return "\n".join(rows)
+
+
+def check_site_shape(site: dict, max_plate_nesting: float) -> None:
+    """Raise if a site's log_prob has dims that no plate declares (Pyro's rule)."""
+    actual = list(site["log_prob"].shape)
+    expected: list[int | None] = []
+    for f in site["cond_indep_stack"]:
+        if f.dim is None:
+            continue
+        if len(expected) < -f.dim:
+            expected = [None] * (-f.dim - len(expected)) + expected
+        expected[f.dim] = f.size
+    expected_ = [-1 if e is None else e for e in expected]
+    if len(expected_) > max_plate_nesting:
+        raise ValueError(
+            f"at site {site['name']!r}: {len(expected_)} nested plates, but "
+            f"max_plate_nesting={max_plate_nesting}; raise max_plate_nesting"
+        )
+    if max_plate_nesting < len(actual):
+        actual = actual[len(actual) - int(max_plate_nesting) :]
+    for a, e in zip_longest(reversed(actual), reversed(expected_), fillvalue=1):
+        if e != -1 and e != a:
+            raise ValueError(
+                f"at site {site['name']!r}, invalid log_prob shape: expected {expected_} from "
+                f"the plates around it, got {actual}. Fixes: enclose the batched tensor in a "
+                "`with plate(...)` context, `.to_event(...)` the distribution, or check that "
+                "the observation has the plate's (sub)sample size."
+            )

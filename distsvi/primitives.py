@@ -1,0 +1,351 @@
+"""Pyro's primitive statements: ``sample``, ``param``, ``plate``, ``factor``, ...
+
+Outside any handler a primitive is just a function call (``sample`` draws, ``param``
+reads the store); inside handlers it builds one message and runs the stack.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch.distributions import constraints
+
+from . import distributions as dist
+from .params import _PARAM_STORE, param_with_module_name
+from .poutine.runtime import _STACK, CondIndepStackFrame, Messenger, apply_stack
+
+_VALIDATION = {"enabled": True}
+
+
+def enable_validation(is_validate: bool = True) -> None:
+    """Turn on (default) or off distsvi's model checks and torch's argument validation."""
+    _VALIDATION["enabled"] = bool(is_validate)
+    torch.distributions.Distribution.set_default_validate_args(bool(is_validate))
+
+
+def is_validation_enabled() -> bool:
+    return _VALIDATION["enabled"]
+
+
+def _draw(fn: Any) -> torch.Tensor:
+    return fn.rsample() if fn.has_rsample else fn.sample()
+
+
+def sample(
+    name: str,
+    fn: torch.distributions.Distribution,
+    *args: Any,
+    obs: torch.Tensor | None = None,
+    obs_mask: torch.Tensor | None = None,
+    infer: dict | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """A random variable ``name`` with distribution ``fn``; observed when ``obs`` is given.
+
+    :param name: the site's name, unique within one run of the model.
+    :param fn: any :class:`torch.distributions.Distribution`.
+    :param obs: observed data; the site then contributes ``log p(obs)`` to the model.
+    :param obs_mask: bool tensor: only where True is ``obs`` observed (the rest is
+        sampled as a latent ``name + "_unobserved"`` and merged).
+    :param infer: per-site inference options, e.g. ``{"baseline": {...}}``.
+    :returns: the site's value.
+    """
+    if not _STACK:
+        return obs if obs is not None else _draw(fn)
+    if obs_mask is not None:
+        return _masked_observe(name, fn, obs, obs_mask, infer, args, kwargs)
+    msg = {
+        "type": "sample",
+        "name": name,
+        "fn": fn,
+        "args": args,
+        "kwargs": kwargs,
+        "value": obs,
+        "is_observed": obs is not None,
+        "infer": {} if infer is None else infer,
+        "scale": 1.0,
+        "mask": None,
+        "cond_indep_stack": (),
+        "done": False,
+        "stop": False,
+        "continuation": None,
+    }
+    apply_stack(msg)
+    return msg["value"]
+
+
+def _masked_observe(name, fn, obs, obs_mask, infer, args, kwargs):
+    if obs is None:
+        raise ValueError(f"sample site {name!r}: obs_mask= needs obs=")
+    if obs_mask.dtype != torch.bool:
+        raise ValueError(f"sample site {name!r}: obs_mask must be a bool tensor")
+    observed = sample(f"{name}_observed", fn.mask(obs_mask), obs=obs, infer=infer)
+    latent = sample(f"{name}_unobserved", fn.mask(~obs_mask), infer=infer)
+    shape = obs_mask.shape + (1,) * len(fn.event_shape)
+    value = torch.where(obs_mask.reshape(shape), observed, latent)
+    return deterministic(name, value, event_dim=len(fn.event_shape))
+
+
+def _get_param(name, init_tensor, constraint, event_dim):
+    return _PARAM_STORE.get_param(name, init_tensor, constraint, event_dim)
+
+
+def param(
+    name: str,
+    init_tensor: torch.Tensor | Callable[[], torch.Tensor] | None = None,
+    constraint: constraints.Constraint = constraints.real,
+    event_dim: int | None = None,
+) -> torch.Tensor:
+    """A learnable tensor, kept unconstrained in the param store.
+
+    :param name: the param's name (the same name returns the same param).
+    :param init_tensor: initial *constrained* value, or a callable returning it; used
+        only when the param does not exist yet.
+    :param constraint: the support of the param (a ``torch.distributions.constraints``).
+    :param event_dim: how many rightmost dims are event dims (for subsampled params).
+    :returns: the constrained value.
+    """
+    if not _STACK:
+        return _PARAM_STORE.get_param(name, init_tensor, constraint, event_dim)
+    msg = {
+        "type": "param",
+        "name": name,
+        "fn": _get_param,
+        "args": (name, init_tensor, constraint, event_dim),
+        "kwargs": {},
+        "value": None,
+        "is_observed": False,
+        "infer": {},
+        "scale": 1.0,
+        "mask": None,
+        "cond_indep_stack": (),
+        "done": False,
+        "stop": False,
+        "continuation": None,
+    }
+    apply_stack(msg)
+    return msg["value"]
+
+
+def factor(name: str, log_factor: torch.Tensor, *, has_rsample: bool | None = None) -> None:
+    """Add ``log_factor`` to the model's log-density (an observed ``Unit`` site)."""
+    unit = _Unit(log_factor, has_rsample=True if has_rsample is None else has_rsample)
+    sample(name, unit, obs=unit.v, infer={"is_auxiliary": True})
+
+
+def deterministic(name: str, value: torch.Tensor, event_dim: int | None = None) -> torch.Tensor:
+    """Record ``value`` in traces as site ``name`` (an observed Delta, no density)."""
+    event_dim = value.dim() if event_dim is None else event_dim
+    return sample(
+        name, dist.Delta(value, event_dim=event_dim).mask(False), obs=value, infer={"_deterministic": True}
+    )
+
+
+class _Unit(dist.Delta):
+    """A site whose log-density is a given tensor (what ``factor`` records)."""
+
+    def __init__(self, log_factor: torch.Tensor, has_rsample: bool = True) -> None:
+        log_factor = torch.as_tensor(log_factor)
+        super().__init__(log_factor.new_zeros(log_factor.shape + (0,)), log_factor, event_dim=1)
+        self._has_rsample = has_rsample
+
+    @property
+    def has_rsample(self) -> bool:  # type: ignore[override]
+        return self._has_rsample
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        return _Unit(self.log_density.expand(batch_shape), self._has_rsample)
+
+    def log_prob(self, x):
+        return self.log_density
+
+
+def module(name: str, nn_module: torch.nn.Module, update_module_params: bool = False):
+    """Register the parameters of ``nn_module`` in the param store as ``name$$$param``.
+
+    The store then holds the module's own parameter tensors, so optimizing the store
+    trains the module. A param already in the store (e.g. loaded from a checkpoint)
+    is copied into the module first.
+
+    :returns: the module.
+    """
+    store = _PARAM_STORE
+    for pname, p in nn_module.named_parameters():
+        full = param_with_module_name(name, pname)
+        stored = store._params.get(full)
+        if stored is not None and stored is not p:
+            with torch.no_grad():
+                p.copy_(stored)
+            del store[full]
+        param(full, p)
+    return nn_module
+
+
+_ALLOCATED_DIMS: list[int] = []
+
+
+def _allocate_dim(name: str, dim: int | None) -> int:
+    if dim is None:
+        dim = -1
+        while dim in _ALLOCATED_DIMS:
+            dim -= 1
+    elif dim >= 0:
+        raise ValueError(f"plate {name!r}: dim must be negative (counted from the right), got {dim}")
+    elif dim in _ALLOCATED_DIMS:
+        raise ValueError(
+            f"plate {name!r} wants dim={dim}, but an enclosing plate already uses that dim. "
+            f"Give one of them another dim, e.g. dim={min(_ALLOCATED_DIMS) - 1}."
+        )
+    _ALLOCATED_DIMS.append(dim)
+    return dim
+
+
+class plate(Messenger):
+    """A conditionally independent batch of size ``size``, optionally subsampled.
+
+    ``with plate("data", N, subsample_size=B) as idx:`` draws ``B`` indices (``idx``),
+    gives every sample site inside a batch dim of size ``B`` at ``dim`` and scales its
+    log-density by ``N / B``, so the model's log-density is unbiased for all ``N`` points.
+
+    :param name: the plate's name (unique in the model).
+    :param size: the full size ``N``.
+    :param subsample_size: the minibatch size ``B``; indices are drawn afresh each entry
+        (a guide's draw is replayed into the model).
+    :param subsample: explicit indices (e.g. from a DataLoader); they win over any draw.
+    :param dim: the batch dim (negative); by default the rightmost free one.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        size: int | None = None,
+        subsample_size: int | None = None,
+        subsample: torch.Tensor | None = None,
+        dim: int | None = None,
+        use_cuda: bool | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(None)
+        if subsample is not None:
+            subsample = torch.as_tensor(subsample)
+            if subsample.dim() != 1:
+                raise ValueError(f"plate {name!r}: subsample must be a 1-d index tensor")
+            if size is None:
+                size = len(subsample)
+            if subsample_size is not None and subsample_size != len(subsample):
+                raise ValueError(
+                    f"plate {name!r}: subsample_size={subsample_size} but len(subsample)="
+                    f"{len(subsample)}; give one of them"
+                )
+        if size is None:
+            raise ValueError(f"plate {name!r}: give its size (or subsample= indices)")
+        if subsample_size is not None and not 0 < subsample_size:
+            raise ValueError(f"plate {name!r}: subsample_size must be > 0, got {subsample_size}")
+        self.name = name
+        self.size = int(size)
+        self.subsample_size = int(subsample_size) if subsample_size is not None else self.size
+        self._subsample = subsample
+        self._user_dim = dim
+        self.dim: int | None = None
+        self.device = device
+        self._frame: CondIndepStackFrame | None = None
+        self._scale = 1.0
+        # Drawn once, at construction, as in Pyro: re-entering the same plate object
+        # reuses its indices.
+        self.indices: torch.Tensor = self._draw_indices()
+
+    def _draw_indices(self) -> torch.Tensor:
+        subsampling = self._subsample is not None or self.subsample_size < self.size
+        if not subsampling:
+            self._scale = 1.0
+            return torch.arange(self.size, device=self.device)
+        msg = {
+            "type": "subsample",
+            "name": self.name,
+            "fn": self._randperm,
+            "args": (),
+            "kwargs": {"size": self.size, "subsample_size": self.subsample_size},
+            "value": self._subsample,
+            "is_observed": False,
+            "infer": {},
+            "scale": None,
+            "mask": None,
+            "cond_indep_stack": (),
+            "done": False,
+            "stop": False,
+            "continuation": None,
+        }
+        if _STACK:
+            apply_stack(msg)
+        else:
+            msg["value"] = (
+                self._subsample
+                if self._subsample is not None
+                else self._randperm(self.size, self.subsample_size)
+            )
+        idx = msg["value"]
+        n = len(idx)
+        self._scale = msg["scale"] if msg["scale"] is not None else self.size / n
+        msg["scale"] = self._scale
+        return idx
+
+    def _randperm(self, size: int, subsample_size: int) -> torch.Tensor:
+        return torch.randperm(size, device=self.device)[:subsample_size]
+
+    def __enter__(self) -> torch.Tensor:
+        idx = self.indices
+        self.dim = _allocate_dim(self.name, self._user_dim)
+        self._frame = CondIndepStackFrame(self.name, self.dim, len(idx), 0, self.size)
+        super().__enter__()
+        return idx
+
+    def __exit__(self, exc_type, exc_value, traceback) -> None:
+        _ALLOCATED_DIMS.remove(self.dim)
+        super().__exit__(exc_type, exc_value, traceback)
+
+    def __iter__(self):
+        """Sequential plate: yields indices one at a time (no batch dim)."""
+        scale = self._scale
+        for counter, i in enumerate(self.indices.tolist()):
+            frame = CondIndepStackFrame(self.name, None, 1, counter, self.size)
+            with _SequentialPlate(frame, scale):
+                yield i
+
+    def process_message(self, msg) -> None:
+        if msg["type"] == "sample":
+            msg["cond_indep_stack"] = (self._frame,) + msg["cond_indep_stack"]
+            if self._scale != 1.0:
+                msg["scale"] = self._scale * msg["scale"]
+
+
+class _SequentialPlate(Messenger):
+    def __init__(self, frame: CondIndepStackFrame, scale: float) -> None:
+        super().__init__(None)
+        self._frame = frame
+        self._scale = scale
+
+    def process_message(self, msg) -> None:
+        if msg["type"] == "sample":
+            msg["cond_indep_stack"] = (self._frame,) + msg["cond_indep_stack"]
+            if self._scale != 1.0:
+                msg["scale"] = self._scale * msg["scale"]
+
+
+def subsample(data: torch.Tensor, event_dim: int = 0) -> torch.Tensor:
+    """Index ``data`` by the indices of the active subsampled plates (Pyro's helper)."""
+    for handler in reversed(_STACK):
+        if isinstance(handler, plate) and handler.indices is not None:
+            if handler._scale != 1.0 or handler._subsample is not None:
+                dim = handler.dim - event_dim
+                if data.size(dim) == handler.size:
+                    data = data.index_select(dim, handler.indices)
+    return data
+
+
+def warn_once(message: str, _seen: set = set()) -> None:
+    if message not in _seen:
+        _seen.add(message)
+        warnings.warn(message, stacklevel=3)
