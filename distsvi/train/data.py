@@ -1,0 +1,115 @@
+"""Built-in datasets and the train/validation split.
+
+A dataset is a tuple of tensors that share their first dimension (one row per datapoint);
+the last tensor holds the observations. Unsupervised data (digits, the mixture) repeats
+the tensor: ``(x, x)``, the first for the guide's encoder, the second to observe.
+A user loader (``data.name: my_data.py:load``) returns such a tuple.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from distsvi.train.config import BUILTIN_DATA, ConfigError, DataConfig, import_target
+
+
+def breast_cancer() -> tuple[Tensor, Tensor]:
+    """scikit-learn's Wisconsin breast-cancer data (569 x 30, shipped with scikit-learn),
+    features standardized; ``y = 1`` for benign."""
+    from sklearn.datasets import load_breast_cancer
+
+    x, y = load_breast_cancer(return_X_y=True)
+    x = torch.as_tensor(x, dtype=torch.float32)
+    x = (x - x.mean(0)) / x.std(0)
+    return x, torch.as_tensor(y, dtype=torch.float32)
+
+
+def digits() -> tuple[Tensor, Tensor]:
+    """scikit-learn's 8x8 digits (1797 x 64), pixels binarized at half intensity."""
+    from sklearn.datasets import load_digits
+
+    x = torch.as_tensor(load_digits().data, dtype=torch.float32)
+    x = (x > 8).float()
+    return x, x
+
+
+def synthetic_hierarchical(num_points: int = 100_000, num_groups: int = 100, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """``y = alpha[g] + 0.5 x + 0.3 eps`` with ``alpha ~ Normal(1, 0.5)``: (x, group, y)."""
+    gen = torch.Generator().manual_seed(seed)
+    alpha = 1.0 + 0.5 * torch.randn(num_groups, generator=gen)
+    group = torch.randint(num_groups, (num_points,), generator=gen)
+    x = torch.randn(num_points, generator=gen)
+    y = alpha[group] + 0.5 * x + 0.3 * torch.randn(num_points, generator=gen)
+    return x, group, y
+
+
+def synthetic_gmm(num_points: int = 3000, num_components: int = 3, dim: int = 2, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Points from ``num_components`` unit Gaussians with centres spread on a circle of radius 4."""
+    gen = torch.Generator().manual_seed(seed)
+    angle = torch.arange(num_components) * (2 * torch.pi / num_components)
+    centres = torch.zeros(num_components, dim)
+    centres[:, 0], centres[:, 1 % dim] = 4 * angle.cos(), 4 * angle.sin()
+    z = torch.randint(num_components, (num_points,), generator=gen)
+    x = centres[z] + torch.randn(num_points, dim, generator=gen)
+    return x, x
+
+
+LOADERS = {
+    "breast_cancer": breast_cancer,
+    "digits": digits,
+    "synthetic_hierarchical": synthetic_hierarchical,
+    "synthetic_gmm": synthetic_gmm,
+}
+assert set(LOADERS) == set(BUILTIN_DATA)
+
+
+@dataclass
+class Split:
+    """Training and validation rows; ``val_rows`` are row numbers into the loaded dataset."""
+
+    train: tuple[Tensor, ...]
+    val: tuple[Tensor, ...]
+    val_rows: Tensor
+
+    @property
+    def num_train(self) -> int:
+        return self.train[0].shape[0]
+
+    @property
+    def num_val(self) -> int:
+        return self.val[0].shape[0]
+
+
+def load_data(cfg: DataConfig, base_dir: Path = Path(".")) -> Split:
+    """Load the dataset, check it is a tuple of row-aligned tensors, split off validation."""
+    if cfg.name in LOADERS:
+        loader = LOADERS[cfg.name]
+    else:
+        _, loader = import_target(cfg.name, "data.name", base_dir)
+    try:
+        tensors = tuple(loader(**cfg.options))
+    except TypeError as e:
+        raise ConfigError("data.options", f"{cfg.name} does not accept these options: {e}") from None
+    _check_tensors(cfg.name, tensors)
+    n = tensors[0].shape[0]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.split_seed))
+    num_val = int(round(n * cfg.val_fraction))
+    val_rows, train_rows = perm[:num_val].sort().values, perm[num_val:].sort().values
+    return Split(
+        train=tuple(t[train_rows] for t in tensors),
+        val=tuple(t[val_rows] for t in tensors),
+        val_rows=val_rows,
+    )
+
+
+def _check_tensors(name: str, tensors: tuple[Any, ...]) -> None:
+    if not tensors or not all(isinstance(t, Tensor) and t.dim() >= 1 for t in tensors):
+        raise ConfigError("data.name", f"{name} must return a tuple of tensors with a row dimension")
+    sizes = {t.shape[0] for t in tensors}
+    if len(sizes) != 1:
+        raise ConfigError("data.name", f"{name} returned tensors with different row counts {sorted(sizes)}")

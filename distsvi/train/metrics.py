@@ -1,0 +1,127 @@
+"""What a run reports: TensorBoard scalars (rank 0 only) and progress on the console.
+
+Rank 0 gets a :class:`TensorBoardMetrics`; every other rank gets a :class:`NullMetrics`
+that does nothing, so the loop never asks which rank it is on before logging.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Optional
+
+TAGS = (
+    "loss/train",
+    "loss/val",
+    "loss/train_per_datapoint",
+    "loss/val_per_datapoint",
+    "optim/lr",
+    "optim/grad_norm",
+    "perf/samples_per_s",
+    "perf/step_ms",
+    "health/skipped_steps",
+)
+
+
+class NullMetrics:
+    """The do-nothing writer of ranks other than 0."""
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        pass
+
+    def text(self, tag: str, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardMetrics(NullMetrics):
+    """Scalars and text into one TensorBoard event file under ``log_dir``."""
+
+    def __init__(self, log_dir: str) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # slow import: rank 0 only
+
+        self.writer = SummaryWriter(log_dir)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def text(self, tag: str, text: str) -> None:
+        self.writer.add_text(tag, text)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def make_metrics(is_main: bool, log_dir: str) -> NullMetrics:
+    """TensorBoard on the main rank, the null writer elsewhere."""
+    return TensorBoardMetrics(log_dir) if is_main else NullMetrics()
+
+
+class Progress:
+    """A tqdm bar on a terminal, plain log lines elsewhere (CI, cluster logs), or nothing.
+
+    :param mode: ``auto``, ``bar``, ``log`` or ``none``; non-main ranks stay quiet.
+    """
+
+    def __init__(self, mode: str, is_main: bool, total: int, initial: int) -> None:
+        self.is_main = is_main
+        if not is_main:
+            mode = "none"
+        elif mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "log"
+        self.mode, self.total = mode, total
+        self.bar: Optional[object] = None
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+        self.last = initial
+
+    def update(self, step: int, values: dict[str, float]) -> None:
+        """Report progress at ``step`` (a log step) with its scalars."""
+        if self.mode == "bar":
+            self.bar.update(step - self.last)
+            self.bar.set_postfix(
+                loss=f"{values['loss/train']:.4g}", samples_s=f"{values['perf/samples_per_s']:.0f}"
+            )
+        elif self.mode == "log":
+            extra = f" val {values['loss/val']:.6g}" if "loss/val" in values else ""
+            print(
+                f"step {step}/{self.total} loss {values.get('loss/train', float('nan')):.6g}{extra} "
+                f"lr {values.get('optim/lr', float('nan')):.3g} "
+                f"{values.get('perf/samples_per_s', 0.0):.0f} samples/s "
+                f"{values.get('perf/step_ms', 0.0):.2f} ms/step",
+                flush=True,
+            )
+        self.last = step
+
+    def message(self, text: str) -> None:
+        """A line for the main rank's console (even with ``progress: none``), kept off the bar."""
+        if self.mode == "bar":
+            self.bar.write(text)
+        elif self.is_main:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Timer:
+    """Wall time per step and samples per second between two log steps."""
+
+    def __init__(self) -> None:
+        self.start, self.steps = time.perf_counter(), 0
+
+    def tick(self) -> None:
+        self.steps += 1
+
+    def read(self, samples_per_step: int) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        steps = max(self.steps, 1)
+        out = {"perf/step_ms": 1000 * elapsed / steps, "perf/samples_per_s": samples_per_step * steps / elapsed}
+        self.start, self.steps = time.perf_counter(), 0
+        return out
