@@ -45,11 +45,11 @@ class trace(Messenger):
     def postprocess_message(self, msg: Message) -> None:
         if self.param_only and msg["type"] != "param":
             return
-        site = dict(msg)
-        site.pop("stop", None)
-        site.pop("done", None)
-        site.pop("continuation", None)
-        self.trace.add_node(msg["name"], **site)
+        name = msg["name"]
+        nodes = self.trace.nodes
+        if name in nodes:
+            self.trace.add_node(name, **msg)  # raises for a reused sample-site name
+        nodes[name] = msg.copy()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.fn is None:
