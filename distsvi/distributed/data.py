@@ -1,0 +1,315 @@
+"""Data for one rank: seeds, shards, and the handler that narrows plates to a shard.
+
+Two ways to feed data, both giving each rank's loss as an unbiased estimate of the
+full-data loss (DESIGN.md invariant 1):
+
+- in-memory tensors and ``plate(name, size, subsample_size=B)``: :class:`ShardedPlates`
+  fills the plate's indices from this rank's shard of ``range(size)``;
+- a ``Dataset`` read through :class:`DistributedLoader` (a ``DistributedSampler``), whose
+  batches come with their indices for ``plate(name, size, subsample=idx)``.
+
+Shuffling is one permutation per (seed, epoch), the same on every rank; Monte-Carlo
+noise differs per rank through :func:`rank_seed` (invariant 5).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+import distsvi
+from distsvi.poutine.runtime import Messenger
+
+from .process_group import ProcessGroup
+
+
+def _mix(*ints: int) -> int:
+    h = hashlib.blake2b(repr(ints).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & (2**63 - 1)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s Monte-Carlo noise in a run seeded with ``seed``.
+
+    Rank 0 keeps ``seed`` itself, so a run of world size 1 draws what a plain run with
+    ``set_rng_seed(seed)`` draws; other ranks get well-separated seeds.
+
+    :param int seed: the run's seed.
+    :param int rank: the rank.
+    :returns: a seed in ``[0, 2**32)`` for ``distsvi.set_rng_seed`` (NumPy's range).
+    """
+    return seed if rank == 0 else _mix(seed, rank) % 2**32
+
+
+def seed_rank(seed: int, group: ProcessGroup) -> int:
+    """Seed this rank's Monte-Carlo noise (``distsvi.set_rng_seed``) from the run seed.
+
+    :param int seed: the run's seed.
+    :param group: the process group.
+    :returns: the seed used, :func:`rank_seed` of ``seed`` and the rank.
+    """
+    rank_specific = rank_seed(seed, group.rank)
+    distsvi.set_rng_seed(rank_specific)
+    return rank_specific
+
+
+def epoch_permutation(size: int, seed: int, epoch: int) -> Tensor:
+    """The shuffle of ``range(size)`` for ``epoch``: a function of (seed, epoch) only,
+    hence the same on every rank and after a restart.
+
+    :param int size: the number of datapoints.
+    :param int seed: the run's seed.
+    :param int epoch: the epoch.
+    :returns: a CPU ``LongTensor`` permutation.
+    """
+    g = torch.Generator().manual_seed(_mix(seed, epoch))
+    return torch.randperm(size, generator=g)
+
+
+def shard_indices(
+    size: int, rank: int, world_size: int, seed: int | None = None, epoch: int = 0
+) -> Tensor:
+    """This rank's shard of ``range(size)``: disjoint across ranks and covering.
+
+    Shard sizes differ by at most one. With ``seed=None`` shards are contiguous and in
+    order (for evaluation); otherwise rank ``r`` takes every ``world_size``-th element of
+    :func:`epoch_permutation` from position ``r``.
+
+    :param int size: the number of datapoints.
+    :param int rank: this rank.
+    :param int world_size: the number of ranks.
+    :param seed: the run's seed, or ``None`` for contiguous shards.
+    :param int epoch: the epoch, used with ``seed``.
+    :returns: a CPU ``LongTensor`` of indices.
+    """
+    if seed is None:
+        base, extra = divmod(size, world_size)
+        start = rank * base + min(rank, extra)
+        return torch.arange(start, start + base + (rank < extra))
+    return epoch_permutation(size, seed, epoch)[rank::world_size]
+
+
+def shard_tensors(
+    *tensors: Tensor, group: ProcessGroup, seed: int | None = None, epoch: int = 0, dim: int = 0
+) -> tuple[Tensor, ...]:
+    """Keep this rank's shard of in-memory tensors (rows chosen by :func:`shard_indices`).
+
+    :param tensors: tensors of the same size along ``dim``.
+    :param group: the process group.
+    :param seed: shuffle with this run seed, or ``None`` for contiguous shards.
+    :param int epoch: the epoch, used with ``seed``.
+    :param int dim: the dimension of datapoints.
+    :returns: the shards, in the order given.
+
+    Example::
+
+        x_val, y_val = shard_tensors(x_val, y_val, group=group)
+    """
+    sizes = {t.size(dim) for t in tensors}
+    if len(sizes) != 1:
+        raise ValueError(f"tensors to shard differ in size along dim {dim}: {sorted(sizes)}")
+    idx = shard_indices(sizes.pop(), group.rank, group.world_size, seed, epoch)
+    return tuple(t.index_select(dim, idx.to(t.device)) for t in tensors)
+
+
+class _Walk:
+    """Position of one sharded plate in its epochs: each step takes the next ``B``
+    indices of this rank's shard; a new epoch (a new permutation) starts when fewer than
+    ``B`` remain on the smallest shard, so every rank changes epoch on the same step."""
+
+    def __init__(self, name: str, size: int, batch: int, group: ProcessGroup, seed: int) -> None:
+        steps = (size // group.world_size) // batch
+        if steps == 0:
+            raise ValueError(
+                f"plate {name!r} draws subsample_size={batch} of size={size} on "
+                f"{group.world_size} ranks, but a rank's shard has only {size // group.world_size} "
+                "datapoints. Lower subsample_size or use fewer ranks."
+            )
+        self.size, self.batch, self.steps_per_epoch = size, batch, steps
+        self.group, self.seed = group, seed
+        self.epoch, self.position = 0, 0
+        self._shard: Tensor | None = None
+
+    def next(self) -> tuple[Tensor, float]:
+        if self.position == self.steps_per_epoch:
+            self.epoch, self.position, self._shard = self.epoch + 1, 0, None
+        if self._shard is None:
+            self._shard = shard_indices(
+                self.size, self.group.rank, self.group.world_size, self.seed, self.epoch
+            )
+        start = self.position * self.batch
+        self.position += 1
+        # Invariant 1: W * |S_r| / B, which is N / B when shards are equal.
+        scale = self.group.world_size * len(self._shard) / self.batch
+        return self._shard[start : start + self.batch], scale
+
+
+class ShardedPlates(Messenger):
+    """Narrow subsampling plates to this rank's shard (the ``"subsample"`` seam).
+
+    For each plate named in ``plates`` that subsamples (``subsample_size=B``), fill its
+    indices and scale:
+
+    - training: the next ``B`` indices of this rank's shard of the epoch's permutation,
+      scaled by ``W * |S_r| / B`` so the rank's loss is unbiased for the full data;
+      the same indices are reused within a step (model and guide, every particle, and a
+      rerun of the step) until :meth:`next_step`;
+    - evaluation (``training=False``): the whole contiguous shard, scaled by ``W``, so that
+      the loss divided by ``W`` and summed over ranks is the full-data loss.
+
+    A plate given explicit ``subsample=idx`` keeps its indices and its usual
+    ``size / len(idx)`` scale.
+
+    :param group: the process group.
+    :param plates: names of the plates to shard.
+    :param int seed: the run's seed, for the shuffle.
+    """
+
+    def __init__(self, group: ProcessGroup, plates: Iterable[str], seed: int = 0) -> None:
+        super().__init__()
+        self.group, self.plates, self.seed = group, frozenset(plates), seed
+        self.training = True
+        self._walks: dict[str, _Walk] = {}
+        self._drawn: dict[str, tuple[Tensor, float]] = {}
+
+    def next_step(self) -> None:
+        """Let the next draw of each plate advance to new indices."""
+        self._drawn.clear()
+
+    def indices(self, name: str) -> Tensor | None:
+        """The indices plate ``name`` drew in this step, or ``None`` if it drew none."""
+        drawn = self._drawn.get(name)
+        return None if drawn is None else drawn[0]
+
+    def process_message(self, msg: dict[str, Any]) -> None:
+        if msg["type"] != "subsample" or msg["name"] not in self.plates:
+            return
+        name = msg["name"]
+        drawn = self._drawn.get(name)
+        if msg["value"] is not None and (drawn is None or msg["value"] is not drawn[0]):
+            return  # explicit indices: the plate scales them itself
+        if drawn is None:
+            drawn = self._draw(name, msg["kwargs"]["size"], msg["kwargs"]["subsample_size"])
+            self._drawn[name] = drawn
+        msg["value"], msg["scale"] = drawn
+
+    def _draw(self, name: str, size: int, batch: int) -> tuple[Tensor, float]:
+        if not self.training:
+            return shard_indices(size, self.group.rank, self.group.world_size), float(
+                self.group.world_size
+            )
+        walk = self._walks.get(name)
+        if walk is None or (walk.size, walk.batch) != (size, batch):
+            if walk is not None:
+                raise ValueError(
+                    f"plate {name!r} changed from size={walk.size}, subsample_size="
+                    f"{walk.batch} to size={size}, subsample_size={batch} between training "
+                    "steps. Sharded training plates need a fixed size and subsample_size; "
+                    "give other data sets their own plate name."
+                )
+            walk = self._walks[name] = _Walk(name, size, batch, self.group, self.seed)
+        return walk.next()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data position of every sharded plate, for checkpoints."""
+        return {
+            "seed": self.seed,
+            "plates": {
+                n: {"size": w.size, "batch": w.batch, "epoch": w.epoch, "position": w.position}
+                for n, w in self._walks.items()
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume the data positions saved by :meth:`state_dict`."""
+        self.seed = int(state["seed"])
+        self._walks.clear()
+        self._drawn.clear()
+        for name, s in state["plates"].items():
+            walk = _Walk(name, int(s["size"]), int(s["batch"]), self.group, self.seed)
+            walk.epoch, walk.position = int(s["epoch"]), int(s["position"])
+            self._walks[name] = walk
+
+
+class _Indexed(Dataset):
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        return i, self.dataset[i]
+
+
+class DistributedLoader:
+    """This rank's minibatches of a ``Dataset``, with their indices.
+
+    A ``DataLoader`` over a ``DistributedSampler``: each epoch is one permutation (from
+    ``seed`` and the epoch) split into disjoint equal parts, one per rank, and every rank
+    gets the same number of batches. Each iteration over the loader is one epoch and
+    advances it (``set_epoch`` is called for you). Batches are ``(indices, batch)`` with
+    ``indices`` a ``LongTensor`` for ``plate(name, len(dataset), subsample=indices)``,
+    which scales the plate by ``len(dataset) / len(indices)``.
+
+    :param dataset: a map-style dataset.
+    :param int batch_size: datapoints per rank per step.
+    :param group: the process group (default: world size 1).
+    :param bool shuffle: shuffle each epoch.
+    :param int seed: the run's seed, for the shuffle.
+    :param bool drop_last: drop the datapoints that do not fill a batch on every rank
+        (default); otherwise the sampler repeats some to pad.
+    :param loader_kwargs: passed to ``DataLoader`` (``num_workers``, ``collate_fn``, ...).
+
+    Example::
+
+        loader = DistributedLoader(TensorDataset(x, y), batch_size=256, group=group)
+        for epoch in range(10):
+            for idx, (xb, yb) in loader:
+                dp.step(xb, yb, idx)
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        group: ProcessGroup | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = True,
+        **loader_kwargs: Any,
+    ) -> None:
+        group = group or ProcessGroup()
+        indexed = _Indexed(dataset)
+        self.sampler = DistributedSampler(
+            indexed, group.world_size, group.rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
+        self.loader = DataLoader(
+            indexed, batch_size, sampler=self.sampler, drop_last=drop_last, **loader_kwargs
+        )
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        self.sampler.set_epoch(self.epoch)
+        yield from self.loader
+        self.epoch += 1
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration epoch ``epoch``."""
+        self.epoch = epoch
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch to resume at."""
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume at the epoch saved by :meth:`state_dict`."""
+        self.epoch = int(state["epoch"])

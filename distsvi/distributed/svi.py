@@ -1,0 +1,230 @@
+"""DataParallelSVI: one :class:`~distsvi.infer.SVI` per rank, one step for all ranks."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from distsvi.infer import SVI
+
+from .data import ShardedPlates
+from .process_group import ProcessGroup, current
+from .reduce import (
+    all_reduce_mean,
+    all_reduce_scalars,
+    broadcast_,
+    bucket_indices,
+    check_same_names,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class DataParallelSVI:
+    """Run ``svi`` data-parallel: every rank steps on its own shard and all take the same
+    step.
+
+    It installs itself as ``svi.grad_hook`` and wraps :meth:`step` and
+    :meth:`evaluate_loss` in a :class:`~distsvi.distributed.data.ShardedPlates` handler.
+    At every step, after backward:
+
+    - the gradients of the params touched are averaged over ranks in buckets of about
+      ``bucket_cap_mb``, one asynchronous all-reduce per bucket; the loss rides in the last
+      bucket, so :meth:`step` returns the loss averaged over ranks;
+    - when any rank's set of param names changes (at the first step, when params are
+      created lazily), the sets are compared across ranks (an error naming the differing
+      params is raised on every rank) and params seen for the first time are broadcast
+      from rank 0; the step is then run again, with the same subsample, so that even the
+      first update uses gradients computed at rank 0's values on every rank;
+    - a non-finite loss or gradient on any rank makes the step skipped on every rank
+      (counted in :attr:`num_skipped`); ``max_bad_steps`` in a row raise
+      ``FloatingPointError`` on every rank.
+
+    With world size 1 nothing is wrapped: :meth:`step` is ``svi.step``, bit for bit.
+    Per-rank Monte-Carlo noise comes from seeding each rank with
+    :func:`~distsvi.distributed.rank_seed` (see :func:`~distsvi.distributed.seed_rank`).
+
+    :param svi: the :class:`~distsvi.infer.SVI` to run; its ``grad_hook`` must be free.
+    :param group: the process group (default: the running one, or world size 1).
+    :param shard_plates: names of the plates whose ``subsample_size`` draws from this
+        rank's shard.
+    :param float bucket_cap_mb: the size of a gradient bucket, in MiB.
+    :param int seed: the run's seed, for the data shuffle.
+    :param int max_bad_steps: how many non-finite steps in a row stop training.
+
+    Example::
+
+        group = distsvi.distributed.init()
+        distsvi.distributed.seed_rank(0, group)
+        svi = SVI(model, guide, Adam({"lr": 0.01}), Trace_ELBO())
+        dp = DataParallelSVI(svi, group)
+        for step in range(1000):
+            loss = dp.step(x, y)  # model: plate("data", len(x), subsample_size=256)
+        val_loss = dp.evaluate_loss(x_val, y_val)
+    """
+
+    def __init__(
+        self,
+        svi: SVI,
+        group: ProcessGroup | None = None,
+        shard_plates: Iterable[str] = ("data",),
+        bucket_cap_mb: float = 25.0,
+        seed: int = 0,
+        max_bad_steps: int = 10,
+    ) -> None:
+        if isinstance(shard_plates, str):
+            shard_plates = (shard_plates,)
+        if not bucket_cap_mb > 0:
+            raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}")
+        if max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps must be >= 1, got {max_bad_steps}")
+        self.svi = svi
+        self.group = group or current()
+        self.shards = ShardedPlates(self.group, shard_plates, seed)
+        self.cap_bytes = int(bucket_cap_mb * 2**20)
+        self.max_bad_steps = max_bad_steps
+        self.num_skipped = 0
+        self.bad_in_a_row = 0
+        self._seen: tuple[str, ...] = ()  # this rank's names at the last step
+        self._layout: list[str] = []  # sorted names agreed by all ranks
+        self._layout_params: list[Tensor] = []
+        self._buckets: list[list[int]] = []
+        self._synced: set[str] = set()  # params broadcast from rank 0 already
+        self._rerun = False
+        self._loss = float("nan")
+        if self.group.is_distributed:
+            if svi.grad_hook is not None:
+                raise ValueError(
+                    "svi.grad_hook is already set; DataParallelSVI needs it to reduce "
+                    "gradients. Wrap a fresh SVI."
+                )
+            svi.grad_hook = self._reduce_grads
+
+    def step(self, *args: Any, **kwargs: Any) -> float:
+        """Take one SVI step on every rank with this rank's shard of the data.
+
+        :returns: the loss averaged over ranks (an estimate of the full-data loss).
+        """
+        if not self.group.is_distributed:
+            return self.svi.step(*args, **kwargs)
+        self.shards.next_step()
+        with self.shards:
+            self.svi.step(*args, **kwargs)
+            if self._rerun:  # new params were broadcast: redo the step at their values
+                self._rerun = False
+                self.svi.step(*args, **kwargs)
+                if self._rerun:
+                    self._rerun = False
+                    raise RuntimeError(
+                        "new params appeared again when the step was rerun; a model and "
+                        "guide must create the same params every time they run"
+                    )
+        return self._loss
+
+    def evaluate_loss(self, *args: Any, **kwargs: Any) -> float:
+        """The loss on the full data passed, shared out over ranks.
+
+        Each rank evaluates its contiguous shard of every sharded plate under
+        ``torch.no_grad()`` (all of it, whatever ``subsample_size`` says), scaled so the
+        sum over ranks is the full-data loss; plates that do not subsample are evaluated
+        whole on every rank and counted once.
+
+        :returns: the full-data loss, the same on every rank.
+        """
+        self.shards.training = False
+        self.shards.next_step()
+        try:
+            with self.shards:
+                loss = self.svi.evaluate_loss(*args, **kwargs)
+        finally:
+            self.shards.training = True
+            self.shards.next_step()
+        if not self.group.is_distributed:
+            return loss
+        return all_reduce_scalars([loss / self.group.world_size], self.group)[0]
+
+    def _reduce_grads(self, loss: Tensor, params: dict[str, Tensor]) -> Tensor | None:
+        names = tuple(params)
+        changed = names != self._seen
+        self._seen = names
+        layout = self._layout
+        grads = [_grad_or_zeros(params.get(n), p) for n, p in zip(layout, self._layout_params)]
+        trailer = torch.stack((loss.detach().reshape(()), loss.new_tensor(float(changed))))
+        averaged, trailer, finite = all_reduce_mean(grads, self._buckets, trailer, self.group)
+        mean_loss, any_changed = trailer.tolist()
+        self._loss = mean_loss
+        if any_changed > 0 and self._relayout(params):
+            return _skip(params)
+        if not finite:
+            return self._bad_step(params)
+        self.bad_in_a_row = 0
+        for n, g in zip(layout, averaged):
+            p = params.get(n)  # None for a param that every rank stopped touching
+            if p is not None:
+                p.grad = g
+        return trailer[0]
+
+    def _relayout(self, params: dict[str, Tensor]) -> bool:
+        """Agree on the new set of params; return whether the step must be rerun."""
+        layout = sorted(params)
+        check_same_names(layout, self.group)
+        added = set(layout) - set(self._layout)
+        new = sorted(added - self._synced)
+        self._layout = layout
+        self._layout_params = [params[n] for n in layout]
+        self._buckets = bucket_indices(self._layout_params, self.cap_bytes)
+        if new:
+            # Invariant 3: rank 0's initial values, before any update uses them.
+            broadcast_([params[n] for n in new], self.group, self.cap_bytes)
+            self._synced.update(new)
+        # Gradients of params outside the old layout were not reduced: rerun the step.
+        self._rerun = bool(added)
+        return self._rerun
+
+    def _bad_step(self, params: dict[str, Tensor]) -> None:
+        """Skip this step on every rank (all ranks saw the same sums), or stop."""
+        self.num_skipped += 1
+        self.bad_in_a_row += 1
+        if self.bad_in_a_row >= self.max_bad_steps:
+            raise FloatingPointError(
+                f"non-finite loss or gradient on some rank at {self.bad_in_a_row} steps in a "
+                f"row (max_bad_steps={self.max_bad_steps}); stopping on every rank. Lower "
+                "the learning rate or check the model for invalid values."
+            )
+        logger.warning(
+            "non-finite loss or gradient on some rank; step skipped on every rank "
+            "(%d skipped, %d in a row)",
+            self.num_skipped,
+            self.bad_in_a_row,
+        )
+        return _skip(params)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Data positions and skip counters, for checkpoints (params and optimizer state
+        are saved with the param store and the optimizer)."""
+        return {
+            "shards": self.shards.state_dict(),
+            "num_skipped": self.num_skipped,
+            "bad_in_a_row": self.bad_in_a_row,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`."""
+        self.shards.load_state_dict(state["shards"])
+        self.num_skipped = int(state["num_skipped"])
+        self.bad_in_a_row = int(state["bad_in_a_row"])
+
+
+def _grad_or_zeros(p: Tensor | None, like: Tensor) -> Tensor:
+    if p is None:
+        return torch.zeros_like(like)
+    return p.grad if p.grad is not None else torch.zeros_like(p)
+
+
+def _skip(params: dict[str, Tensor]) -> None:
+    for p in params.values():
+        p.grad = None
