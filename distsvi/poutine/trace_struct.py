@@ -117,7 +117,8 @@ class Trace:
                 if site["fn"].has_rsample or site["is_observed"]:
                     site["score_parts"] = ScoreParts(lp, 0, lp)
                 else:
-                    site["score_parts"] = ScoreParts(lp, lp, 0)
+                    # The score term is left unscaled: the cost it multiplies carries the scale.
+                    site["score_parts"] = ScoreParts(lp, site["unscaled_log_prob"], 0)
 
     def log_prob_sum(self, site_filter: Callable[[str, dict], bool] = lambda n, s: True):
         """The total (scaled) log-density of the sample sites that pass ``site_filter``."""
