@@ -51,6 +51,8 @@ class ELBO:
         self.max_plate_nesting = max_plate_nesting
         self.vectorize_particles = vectorize_particles
         self.retain_graph = retain_graph
+        if vectorize_particles and num_particles > 1:
+            self.max_plate_nesting += 1  # room for the particle plate, as in Pyro
         self._checked: set = set()
 
     # traces --------------------------------------------------------------------------
@@ -114,10 +116,13 @@ class ELBO:
             if f.dim is not None
         ]
         self.max_plate_nesting = -min(dims) if dims else 0
-        if self.vectorize_particles:
+        if self.vectorize_particles and self.num_particles > 1:
             self.max_plate_nesting += 1
 
     def _vectorized(self, fn: Callable) -> Callable:
+        if self.num_particles == 1:
+            return fn
+
         def wrapped(*args, **kwargs):
             dim = -int(self.max_plate_nesting)
             with primitives.plate("num_particles_vectorized", self.num_particles, dim=dim):
