@@ -10,7 +10,9 @@ def test_import_distsvi_does_not_import_pyro():
         "bad = sorted(m for m in sys.modules if m == 'pyro' or m.startswith('pyro.')); "
         "assert not bad, bad"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -19,5 +21,6 @@ def test_literal_check_from_the_issue():
         [sys.executable, "-c", "import distsvi, sys; assert 'pyro' not in sys.modules"],
         capture_output=True,
         text=True,
+        check=False,
     )
     assert result.returncode == 0, result.stderr

@@ -136,9 +136,8 @@ def test_block(kwargs, visible):
 
 
 def test_block_as_context_manager():
-    with poutine.trace() as tr:
-        with poutine.block(hide=["x"]):
-            two_site_model()
+    with poutine.trace() as tr, poutine.block(hide=["x"]):
+        two_site_model()
     assert "x" not in tr.trace.nodes and "y" in tr.trace.nodes
 
 
@@ -169,9 +168,8 @@ def test_scale_handler():
     torch.testing.assert_close(
         tr.nodes["z"]["log_prob_sum"], 0.25 * torch.distributions.Normal(0.0, 1.0).log_prob(z)
     )
-    with poutine.trace() as outer:
-        with poutine.scale(scale=2.0), poutine.scale(scale=3.0):
-            pyro.sample("w", dist.Normal(0.0, 1.0))
+    with poutine.trace() as outer, poutine.scale(scale=2.0), poutine.scale(scale=3.0):
+        pyro.sample("w", dist.Normal(0.0, 1.0))
     assert outer.trace.nodes["w"]["scale"] == 6.0
 
 
@@ -182,9 +180,8 @@ def test_scale_must_be_positive():
 
 def test_mask_handler():
     m = torch.tensor([True, False, True, False])
-    with poutine.trace() as outer:
-        with poutine.mask(mask=m):
-            model()
+    with poutine.trace() as outer, poutine.mask(mask=m):
+        model()
     tr = outer.trace
     tr.compute_log_prob()
     assert torch.equal(tr.nodes["obs"]["mask"], m)
@@ -203,9 +200,8 @@ def test_mask_false_zeroes_the_site():
 def test_nested_masks_combine():
     a = torch.tensor([True, True, False, False])
     b = torch.tensor([True, False, True, False])
-    with poutine.trace() as outer:
-        with poutine.mask(mask=a), poutine.mask(mask=b):
-            model()
+    with poutine.trace() as outer, poutine.mask(mask=a), poutine.mask(mask=b):
+        model()
     assert torch.equal(outer.trace.nodes["obs"]["mask"], a & b)
 
 
@@ -234,9 +230,8 @@ def test_set_rng_seed():
 
 def test_plate_yields_indices_and_scales_log_prob():
     data = torch.arange(10.0)
-    with poutine.trace() as outer:
-        with pyro.plate("data", 10, subsample_size=4) as idx:
-            pyro.sample("x", dist.Normal(0.0, 1.0), obs=data[idx])
+    with poutine.trace() as outer, pyro.plate("data", 10, subsample_size=4) as idx:
+        pyro.sample("x", dist.Normal(0.0, 1.0), obs=data[idx])
     assert idx.shape == (4,) and idx.dtype == torch.long
     assert len(set(idx.tolist())) == 4 and all(0 <= i < 10 for i in idx.tolist())
     site = outer.trace.nodes["x"]
@@ -249,9 +244,8 @@ def test_plate_yields_indices_and_scales_log_prob():
 
 
 def test_plate_full_yields_arange_and_broadcasts():
-    with poutine.trace() as outer:
-        with pyro.plate("data", 5) as idx:
-            pyro.sample("x", dist.Normal(0.0, 1.0))
+    with poutine.trace() as outer, pyro.plate("data", 5) as idx:
+        pyro.sample("x", dist.Normal(0.0, 1.0))
     assert torch.equal(idx, torch.arange(5))
     site = outer.trace.nodes["x"]
     assert site["value"].shape == (5,) and site["fn"].batch_shape == (5,)
@@ -260,19 +254,16 @@ def test_plate_full_yields_arange_and_broadcasts():
 
 def test_plate_explicit_subsample():
     idx = torch.tensor([7, 2, 5])
-    with poutine.trace() as outer:
-        with pyro.plate("data", 10, subsample=idx) as got:
-            pyro.sample("x", dist.Normal(0.0, 1.0))
+    with poutine.trace() as outer, pyro.plate("data", 10, subsample=idx) as got:
+        pyro.sample("x", dist.Normal(0.0, 1.0))
     assert torch.equal(got, idx)
     assert outer.trace.nodes["x"]["scale"] == pytest.approx(10 / 3)
     assert outer.trace.nodes["x"]["value"].shape == (3,)
 
 
 def test_nested_plates_dims_and_stack():
-    with poutine.trace() as outer:
-        with pyro.plate("outer", 3, dim=-2):
-            with pyro.plate("inner", 4):
-                pyro.sample("x", dist.Normal(0.0, 1.0))
+    with poutine.trace() as outer, pyro.plate("outer", 3, dim=-2), pyro.plate("inner", 4):
+        pyro.sample("x", dist.Normal(0.0, 1.0))
     site = outer.trace.nodes["x"]
     assert site["value"].shape == (3, 4)
     assert {(f.name, f.dim, f.size) for f in site["cond_indep_stack"]} == {
@@ -282,9 +273,8 @@ def test_nested_plates_dims_and_stack():
 
 
 def test_plate_automatic_dims():
-    with pyro.plate("a", 2):
-        with pyro.plate("b", 3):
-            x = pyro.sample("x", dist.Normal(0.0, 1.0))
+    with pyro.plate("a", 2), pyro.plate("b", 3):
+        x = pyro.sample("x", dist.Normal(0.0, 1.0))
     assert x.shape == (3, 2)  # inner plate gets the next free dim to the left
 
 
@@ -299,9 +289,8 @@ def test_plate_as_decorator_free_vectorised_use():
 
 def test_handlers_compose_in_order():
     """The innermost handler sees a site first (condition inside trace sees the value)."""
-    with poutine.trace() as outer:
-        with poutine.condition(data={"z": torch.tensor(1.5)}):
-            model()
+    with poutine.trace() as outer, poutine.condition(data={"z": torch.tensor(1.5)}):
+        model()
     assert outer.trace.nodes["z"]["is_observed"]
     assert outer.trace.nodes["z"]["value"].item() == 1.5
 

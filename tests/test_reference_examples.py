@@ -86,7 +86,7 @@ def run_example(engine: str, body: str) -> dict:
         "val_losses": [],
     }
     torch.manual_seed(0)
-    exec(compile(source, f"<{engine} example>", "exec"), namespace)
+    exec(compile(source, f"<{engine} example>", "exec"), namespace)  # noqa: S102
     return namespace
 
 

@@ -12,15 +12,17 @@ from __future__ import annotations
 import functools
 import importlib
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 RTOL = 1e-5
+_SCALAR = torch.Size()
 ATOL = 1e-9
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def backend(name: str) -> types.SimpleNamespace:
     """The engine's public modules under Pyro's names: ``pyro``, ``dist``, ``poutine``, ..."""
     root = importlib.import_module(name)
@@ -48,11 +50,11 @@ def _fixed_class(B: types.SimpleNamespace, cls_name: str) -> type:
     if key not in _FIXED_CLASSES:
         base = getattr(B.dist, cls_name)
 
-        def rsample(self, sample_shape=torch.Size()):
+        def rsample(self, sample_shape=_SCALAR):
             assert tuple(sample_shape) == (), "fixed-draw distributions draw one value"
             return self._draw(self)
 
-        def sample(self, sample_shape=torch.Size()):
+        def sample(self, sample_shape=_SCALAR):
             with torch.no_grad():
                 return rsample(self, sample_shape).detach()
 
@@ -153,11 +155,10 @@ def assert_close(actual, expected, what: str) -> None:
 
 def assert_same_params(got: dict, want: dict, what: str) -> None:
     assert set(got) == set(want), f"{what}: param names {sorted(got)} != Pyro's {sorted(want)}"
-    for name in want:
-        if want[name] is None or got[name] is None:
-            assert got[name] is None and want[name] is None, (
-                f"{what} of {name!r}: distsvi {got[name]} vs Pyro {want[name]}"
-            )
+    for name, w in want.items():
+        g = got[name]
+        if w is None or g is None:
+            assert g is None and w is None, f"{what} of {name!r}: distsvi {g} vs Pyro {w}"
             continue
-        assert got[name].shape == want[name].shape, f"{what} of {name!r}: shape differs"
-        assert_close(got[name], want[name], f"{what} of {name!r}")
+        assert g.shape == w.shape, f"{what} of {name!r}: shape differs"
+        assert_close(g, w, f"{what} of {name!r}")

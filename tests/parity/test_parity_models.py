@@ -7,15 +7,15 @@ explicit subsample indices and the same guide draws (see ``parity_harness``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import pytest
 import torch
 
 pytest.importorskip("pyro")
 
-from parity_harness import (  # noqa: E402
+from parity_harness import (
     assert_close,
     assert_same_params,
     both,
@@ -140,9 +140,7 @@ BITS = (torch.arange(N) % 4 == 1).to(D)
 
 def constrained_model(B, x, c, y2, bits):
     sigma = B.pyro.param("sigma", torch.tensor(1.3), constraint=B.constraints.positive)
-    probs = B.pyro.param(
-        "probs", torch.tensor([0.2, 0.3, 0.5]), constraint=B.constraints.simplex
-    )
+    probs = B.pyro.param("probs", torch.tensor([0.2, 0.3, 0.5]), constraint=B.constraints.simplex)
     tril = B.pyro.param(
         "tril",
         torch.tensor([[1.0, 0.0], [0.3, 0.8]]),
@@ -159,9 +157,7 @@ def constrained_model(B, x, c, y2, bits):
 
 def constrained_guide(B, x, c, y2, bits):
     loc = B.pyro.param("loc", torch.tensor(0.0))
-    scale = B.pyro.param(
-        "scale", torch.tensor(0.5), constraint=B.constraints.interval(0.01, 2.0)
-    )
+    scale = B.pyro.param("scale", torch.tensor(0.5), constraint=B.constraints.interval(0.01, 2.0))
     B.pyro.sample("mu", fixed_normal(B, loc, scale, eps(21)))
 
 
@@ -234,7 +230,9 @@ def local_bernoulli_guide(B, x, idx):
     loc = B.pyro.param("loc", torch.tensor(0.1))
     scale = B.pyro.param("scale", torch.tensor(0.5), constraint=B.constraints.positive)
     B.pyro.sample("mu", fixed_normal(B, loc, scale, eps(50)))
-    probs = B.pyro.param("probs", torch.full((len(x),), 0.4), constraint=B.constraints.unit_interval)
+    probs = B.pyro.param(
+        "probs", torch.full((len(x),), 0.4), constraint=B.constraints.unit_interval
+    )
     with B.pyro.plate("data", len(x), subsample=idx) as ind:
         B.pyro.sample("z", fixed_value(B, "Bernoulli", probs[ind], value=Z_BITS[ind]))
 
@@ -308,9 +306,7 @@ CASES = {
     "logistic_regression_subsampled": Case(logreg_model, logreg_guide, (X, Y_LOGIT, IDX)),
     "hierarchical_nested_plates": Case(hier_model, hier_guide, (HIER_DATA, GIDX)),
     "scale_and_mask": Case(scale_mask_model, scale_mask_guide, (Y_NORMAL, MASK)),
-    "constrained_params": Case(
-        constrained_model, constrained_guide, (Y_NORMAL, CATS, Y2, BITS)
-    ),
+    "constrained_params": Case(constrained_model, constrained_guide, (Y_NORMAL, CATS, Y2, BITS)),
     "obs_to_event": Case(to_event_model, to_event_guide, (X3,)),
     "mean_field_analytic_kl": Case(
         meanfield_model, meanfield_guide, (Y_NORMAL, IDX), loss="TraceMeanField_ELBO"
@@ -348,7 +344,9 @@ def test_adam_trajectory(name):
         return B.optim.Adam({"lr": 0.05, "betas": (0.8, 0.95)})
 
     (want_losses, want), (losses, got) = [
-        train(B, case.model, case.guide, make_optim, 5, case.args, None, case.loss, case.loss_kwargs)
+        train(
+            B, case.model, case.guide, make_optim, 5, case.args, None, case.loss, case.loss_kwargs
+        )
         for B in both()
     ]
     assert_close(losses, want_losses, "per-step losses")
@@ -365,7 +363,7 @@ def test_plate_yields_explicit_indices():
 
     log_probs = []
     for B in both():
-        tr = B.poutine.trace(lambda: model(B)).get_trace()
+        tr = B.poutine.trace(model).get_trace(B)
         tr.compute_log_prob()
         log_probs.append(tr.nodes["x"]["log_prob_sum"].detach())
     assert torch.equal(seen[1], seen[0])

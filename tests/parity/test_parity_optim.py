@@ -6,12 +6,14 @@ same optimizer semantics must follow the same trajectory.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 pytest.importorskip("pyro")
 
-from parity_harness import assert_close, assert_same_params, both, train, unconstrained  # noqa: E402
+from parity_harness import assert_close, assert_same_params, both, train, unconstrained
 
 _g = torch.Generator().manual_seed(99)
 N = 20
@@ -60,9 +62,7 @@ def test_gradients_exceed_clip_norm():
     """The ClippedAdam test below is only meaningful if clipping bites: check it does."""
     B, _ = both()
     B.pyro.clear_param_store()
-    B.infer.Trace_ELBO().loss_and_grads(
-        lambda x: model(B, x), lambda x: guide_fwd(B, x), DATA
-    )
+    B.infer.Trace_ELBO().loss_and_grads(lambda x: model(B, x), lambda x: guide_fwd(B, x), DATA)
     assert max(p.grad.abs().max().item() for p in unconstrained(B).values()) > 5.0
 
 
@@ -82,8 +82,8 @@ def test_clipped_adam_lrd_with_intermittent_param():
         B.pyro.clear_param_store()
         optim = B.optim.ClippedAdam({"lr": 0.2, "clip_norm": 2.0, "lrd": 0.7})
         svi = B.infer.SVI(
-            lambda x, use_c: model(B, x, use_c),
-            lambda x, use_c: guide(B, x, use_c),
+            functools.partial(model, B),
+            functools.partial(guide, B),
             optim,
             B.infer.Trace_ELBO(),
         )
@@ -98,8 +98,8 @@ def test_adam_with_late_param():
     for B in both():
         B.pyro.clear_param_store()
         svi = B.infer.SVI(
-            lambda x, use_c: model(B, x, use_c),
-            lambda x, use_c: guide(B, x, use_c),
+            functools.partial(model, B),
+            functools.partial(guide, B),
             B.optim.Adam({"lr": 0.1}),
             B.infer.Trace_ELBO(),
         )
@@ -208,7 +208,7 @@ def _resumed_run(B, tmp_path, steps_before, steps_after):
         svi.step(DATA)
     path = tmp_path / f"{B.name}_optim.pt"
     optim.save(str(path))
-    saved = {n: B.pyro.param(n).detach().clone() for n in B.pyro.get_param_store().keys()}
+    saved = {n: B.pyro.param(n).detach().clone() for n in B.pyro.get_param_store()}
 
     B.pyro.clear_param_store()
     for name in reversed(list(saved)):
