@@ -1,0 +1,160 @@
+"""User mistakes give one clear error (or, for a guide missing a latent, Pyro's warning)
+that names the site."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import distsvi as pyro
+import distsvi.distributions as dist
+from distsvi import poutine
+from distsvi.distributions import constraints
+from distsvi.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from distsvi.optim import Adam
+
+
+def _svi_step(model, guide, *args, loss=None):
+    return SVI(model, guide, Adam({"lr": 0.01}), loss or Trace_ELBO()).step(*args)
+
+
+def _empty_guide(*args):
+    pass
+
+
+def test_sample_site_name_used_twice():
+    def model():
+        pyro.sample("twice", dist.Normal(0.0, 1.0))
+        pyro.sample("twice", dist.Normal(0.0, 1.0))
+
+    with pytest.raises((RuntimeError, ValueError), match="twice"):
+        poutine.trace(model).get_trace()
+
+
+def test_observed_site_name_used_twice_in_svi():
+    def model():
+        pyro.sample("obs_twice", dist.Normal(0.0, 1.0), obs=torch.tensor(0.0))
+        pyro.sample("obs_twice", dist.Normal(0.0, 1.0), obs=torch.tensor(1.0))
+
+    with pytest.raises((RuntimeError, ValueError), match="obs_twice"):
+        _svi_step(model, _empty_guide)
+
+
+def test_sample_site_reusing_a_param_name():
+    def model():
+        pyro.param("shared_name", torch.tensor(1.0))
+        pyro.sample("shared_name", dist.Normal(0.0, 1.0))
+
+    with pytest.raises((RuntimeError, ValueError), match="shared_name"):
+        poutine.trace(model).get_trace()
+
+
+def test_param_called_twice_is_fine():
+    def model():
+        a = pyro.param("a", torch.tensor(1.0))
+        b = pyro.param("a", torch.tensor(1.0))
+        return a, b
+
+    tr = poutine.trace(model).get_trace()
+    assert tr.nodes["a"]["type"] == "param"
+
+
+def test_observation_not_broadcasting_with_its_distribution():
+    def model():
+        pyro.sample("bad_obs", dist.Normal(torch.zeros(3), 1.0).to_event(1), obs=torch.zeros(4))
+
+    with pytest.raises((ValueError, RuntimeError), match="bad_obs"):
+        _svi_step(model, _empty_guide)
+
+
+def test_observation_not_fitting_its_plate():
+    data = torch.zeros(7)
+
+    def model():
+        with pyro.plate("data", 5):
+            pyro.sample("plate_obs", dist.Normal(0.0, 1.0), obs=data)
+
+    with pytest.raises((ValueError, RuntimeError), match="plate_obs"):
+        _svi_step(model, _empty_guide)
+
+
+def test_full_data_observed_in_a_subsampled_plate():
+    """The common slip: indexing the data with the plate's indices is forgotten."""
+    data = torch.zeros(10)
+
+    def model():
+        with pyro.plate("data", 10, subsample_size=4):
+            pyro.sample("full_obs", dist.Normal(0.0, 1.0), obs=data)
+
+    with pytest.raises((ValueError, RuntimeError), match="full_obs"):
+        _svi_step(model, _empty_guide)
+
+
+def test_observation_with_extra_batch_dims_inside_a_plate():
+    """Broadcasts numerically, but the log-prob has a dim no plate declares (Pyro refuses)."""
+    data = torch.zeros(5, 2)
+
+    def model():
+        with pyro.plate("data", 5, dim=-1):
+            pyro.sample("wide_obs", dist.Normal(0.0, 1.0), obs=data)
+
+    with pytest.raises((ValueError, RuntimeError), match="wide_obs"):
+        _svi_step(model, _empty_guide)
+
+
+def test_guide_missing_a_latent_site_warns_naming_it():
+    def model():
+        pyro.sample("present", dist.Normal(0.0, 1.0))
+        pyro.sample("forgotten_latent", dist.Normal(0.0, 1.0))
+        pyro.sample("y", dist.Normal(0.0, 1.0), obs=torch.tensor(0.5))
+
+    def guide():
+        loc = pyro.param("loc", torch.tensor(0.0))
+        pyro.sample("present", dist.Normal(loc, 1.0))
+
+    with pytest.warns(UserWarning, match="forgotten_latent"):
+        _svi_step(model, guide)
+
+
+def test_guide_missing_a_latent_site_warns_under_mean_field_elbo():
+    def model():
+        pyro.sample("mf_forgotten", dist.Normal(0.0, 1.0))
+
+    with pytest.warns(UserWarning, match="mf_forgotten"):
+        try:
+            _svi_step(model, _empty_guide, loss=TraceMeanField_ELBO())
+        except (KeyError, ValueError, RuntimeError):
+            pass  # Pyro then fails on the missing guide site (KeyError); either is fine
+
+
+def test_matching_model_and_guide_do_not_warn():
+    def model():
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    def guide():
+        pyro.sample("z", dist.Normal(pyro.param("loc", torch.tensor(0.0)), 1.0))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _svi_step(model, guide)
+
+
+def test_plate_dim_conflict():
+    def model():
+        with pyro.plate("outer_plate", 3, dim=-1):
+            with pyro.plate("inner_plate", 4, dim=-1):
+                pyro.sample("x", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="inner_plate|outer_plate"):
+        model()
+
+
+def test_param_init_outside_constraint_in_svi():
+    def model():
+        s = pyro.param("neg_scale", torch.tensor(-1.0), constraint=constraints.positive)
+        pyro.sample("y", dist.Normal(0.0, s), obs=torch.tensor(0.0))
+
+    with pytest.raises(ValueError, match="neg_scale"):
+        _svi_step(model, _empty_guide)
