@@ -261,7 +261,12 @@ class TraceMeanField_ELBO(ELBO):
             if model_site["is_observed"]:
                 elbo = elbo + model_site["log_prob_sum"]
                 continue
-            guide_site = guide_trace.nodes[name]
+            guide_site = guide_trace.nodes.get(name)
+            if guide_site is None:
+                raise ValueError(
+                    f"TraceMeanField_ELBO: latent site {name!r} is in the model but not the "
+                    "guide; add a sample site of that name to the guide"
+                )
             if not guide_site["fn"].has_rsample:
                 raise NotImplementedError(
                     f"TraceMeanField_ELBO needs reparameterised guide sites; {name!r} is not. "
