@@ -167,3 +167,17 @@ def test_biject_to_and_transform_to_agree_on_positive():
     pyro.param("p", torch.tensor(3.0), constraint=constraints.positive)
     raw = dict(pyro.get_param_store().named_parameters())["p"]
     torch.testing.assert_close(raw.detach(), biject_to(constraints.positive).inv(torch.tensor(3.0)))
+
+
+def test_param_with_event_dim_is_subsampled_inside_a_subsampled_plate():
+    """Pyro: inside a subsampled plate, a param's batch dims (left of ``event_dim``) are
+    indexed by the plate's indices; without ``event_dim`` the param is returned whole."""
+    idx = torch.tensor([4, 1])
+    with pyro.plate("d", 6, subsample=idx):
+        v = pyro.param("v", torch.arange(6.0), event_dim=0)
+        w = pyro.param("w", torch.arange(12.0).reshape(6, 2), event_dim=1)
+        whole = pyro.param("whole", torch.arange(6.0))
+    assert torch.equal(v, torch.tensor([4.0, 1.0]))
+    assert torch.equal(w, torch.tensor([[8.0, 9.0], [2.0, 3.0]]))
+    assert whole.shape == (6,)
+    assert dict(pyro.get_param_store().named_parameters())["v"].shape == (6,)

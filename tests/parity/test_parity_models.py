@@ -286,6 +286,57 @@ def mvn_guide(B, y2):
     )
 
 
+def masked_score_model(B, x, idx, m):
+    with B.poutine.scale(scale=0.7):
+        k = B.pyro.sample("k", B.dist.Poisson(2.0))
+    with B.pyro.plate("data", len(x), subsample=idx) as ind, B.poutine.mask(mask=m[ind]):
+        z = B.pyro.sample("z", B.dist.Bernoulli(0.3))
+        B.pyro.sample("x", B.dist.Normal(0.5 * k + 2.0 * z, 1.0), obs=x[ind])
+
+
+def masked_score_guide(B, x, idx, m):
+    rate = B.pyro.param("rate", torch.tensor(1.5), constraint=B.constraints.positive)
+    with B.poutine.scale(scale=0.7):
+        B.pyro.sample("k", fixed_value(B, "Poisson", rate, value=torch.tensor(3.0)))
+    probs = B.pyro.param(
+        "probs", torch.full((len(x),), 0.4), constraint=B.constraints.unit_interval
+    )
+    with B.pyro.plate("data", len(x), subsample=idx) as ind, B.poutine.mask(mask=m[ind]):
+        B.pyro.sample("z", fixed_value(B, "Bernoulli", probs[ind], value=Z_BITS[ind]))
+
+
+def random_subsample_model(B, x):
+    mu = B.pyro.sample("mu", B.dist.Normal(0.0, 3.0))
+    with B.pyro.plate("data", len(x), subsample_size=6) as ind:
+        z = B.pyro.sample("z", B.dist.Normal(mu, 1.0))
+        B.pyro.sample("x", B.dist.Normal(z, 0.5), obs=x[ind])
+
+
+def random_subsample_guide(B, x):
+    loc = B.pyro.param("loc", torch.tensor(0.1))
+    scale = B.pyro.param("scale", torch.tensor(0.5), constraint=B.constraints.positive)
+    B.pyro.sample("mu", fixed_normal(B, loc, scale, eps(51)))
+    z_loc = B.pyro.param("z_loc", torch.zeros(len(x)))
+    with B.pyro.plate("data", len(x), subsample_size=6) as ind:
+        B.pyro.sample("z", fixed_normal(B, z_loc[ind], torch.tensor(0.3), eps(30, N)[ind]))
+
+
+def event_dim_param_guide(B, x, idx):
+    mu_loc = B.pyro.param("mu_loc", torch.tensor(0.7))
+    B.pyro.sample("mu", fixed_normal(B, mu_loc, torch.tensor(0.3), eps(25)))
+    t_loc = B.pyro.param("t_loc", torch.tensor(0.0))
+    B.pyro.sample("tau", fixed_lognormal(B, t_loc, torch.tensor(0.3), eps(26)))
+    w_loc = B.pyro.param("w_loc", torch.tensor([0.1, 0.2]))
+    B.pyro.sample("w", fixed_normal(B, w_loc, torch.tensor(0.5), eps(27, 2)).to_event(1))
+    with B.pyro.plate("data", len(x), subsample=idx) as ind:
+        # Pyro subsamples a param's batch dims inside a subsampled plate when event_dim is given
+        z_loc = B.pyro.param("z_loc", torch.linspace(-1.0, 1.0, len(x)), event_dim=0)
+        z_scale = B.pyro.param(
+            "z_scale", torch.full((len(x),), 0.8), constraint=B.constraints.positive, event_dim=0
+        )
+        B.pyro.sample("z", fixed_normal(B, z_loc, z_scale, eps(30, N)[ind]))
+
+
 # ----------------------------------------------------------------------------------- cases
 
 
@@ -319,6 +370,29 @@ CASES = {
     "factor_and_deterministic": Case(factor_model, conjugate_guide, (Y_NORMAL,)),
     "delta_guide_map": Case(map_model, map_guide, (Y_NORMAL,)),
     "mvn_lower_cholesky_guide": Case(mvn_model, mvn_guide, (Y2,)),
+    "delta_guide_under_mean_field": Case(map_model, map_guide, (Y_NORMAL,), "TraceMeanField_ELBO"),
+    "mean_field_2_particles": Case(
+        meanfield_model,
+        meanfield_guide,
+        (Y_NORMAL, IDX),
+        "TraceMeanField_ELBO",
+        {"num_particles": 2},
+    ),
+    "vectorized_particles": Case(
+        hier_model,
+        hier_guide,
+        (HIER_DATA, GIDX),
+        loss_kwargs={"num_particles": 3, "vectorize_particles": True, "max_plate_nesting": 2},
+    ),
+    "scaled_and_masked_score_function": Case(
+        masked_score_model, masked_score_guide, (MIX_X, IDX, MASK)
+    ),
+    "random_subsample_shared_by_model_and_guide": Case(
+        random_subsample_model, random_subsample_guide, (Y_NORMAL,)
+    ),
+    "param_event_dim_in_subsampled_plate": Case(
+        meanfield_model, event_dim_param_guide, (Y_NORMAL, IDX)
+    ),
 }
 
 
