@@ -1,6 +1,6 @@
 """Run a function on 2 real Gloo ranks on localhost, with a deadline so a hang fails.
 
-Each rank runs in a fresh spawned process with the torchrun environment set (``RANK``,
+Each rank runs in a fresh process (forked from a clean server process) with the torchrun environment set (``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` on a free port) and one
 thread. What the function returns comes back to the test; an exception comes back as
 :class:`RankError` so a test can check that every rank raised.
@@ -74,6 +74,10 @@ def _entry(
         dd.shutdown()
 
 
+# Ranks fork from a server that has imported these once, instead of importing torch anew.
+mp.set_forkserver_preload(["torch", "torch.distributed", "distsvi", "distsvi.distributed"])
+
+
 def run_ranks(
     fn: Callable[..., Any],
     *args: Any,
@@ -93,7 +97,7 @@ def run_ranks(
             args=(fn, world_size, free_port(), out_dir, backend, dtype, args),
             nprocs=world_size,
             join=False,
-            start_method="spawn",
+            start_method="forkserver",
         )
         deadline = time.monotonic() + timeout
         while not ctx.join(timeout=max(deadline - time.monotonic(), 0.0)):
@@ -110,7 +114,11 @@ def run_ranks(
 
 def ok(results: list[Any]) -> list[Any]:
     """Fail the test with the rank's traceback if any rank raised."""
-    for rank, r in enumerate(results):
-        if isinstance(r, RankError):
-            pytest.fail(f"rank {rank} raised {r.type}: {r.message}\n{r.traceback}")
+    failed = [
+        f"rank {rank} raised {r.type}: {r.message}\n{r.traceback}"
+        for rank, r in enumerate(results)
+        if isinstance(r, RankError)
+    ]
+    if failed:
+        pytest.fail("\n".join(failed))
     return results

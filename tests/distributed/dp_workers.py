@@ -116,7 +116,8 @@ def nan_on_rank_1(group: ProcessGroup, bad_steps: set[int], max_bad_steps: int) 
         w = pyro.param("w_loc", torch.zeros(x.shape[1]))
         b = pyro.param("b_loc", torch.tensor(0.0))
         if torch.distributed.get_rank() == 1 and step["n"] in bad_steps:
-            w = w * torch.tensor(math.nan)  # a NaN gradient on rank 1 only
+            w = w * 1.0  # a finite loss, but a NaN gradient on rank 1 only
+            w.register_hook(lambda g: torch.full_like(g, math.nan))
         pyro.sample("w", dist.Delta(w).to_event(1))
         pyro.sample("b", dist.Delta(b))
 
