@@ -337,6 +337,35 @@ def event_dim_param_guide(B, x, idx):
         B.pyro.sample("z", fixed_normal(B, z_loc, z_scale, eps(30, N)[ind]))
 
 
+def _net():
+    """A small network with fixed weights, built afresh for each run."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=gen, dtype=D))
+    return net
+
+
+def module_model(B, x, y, net):
+    B.pyro.module("net", net)
+    noise = B.pyro.sample("noise", B.dist.LogNormal(0.0, 1.0))
+    with B.pyro.plate("data", len(x)):
+        B.pyro.sample("y", B.dist.Normal(net(x).squeeze(-1), noise), obs=y)
+
+
+def module_guide(B, x, y, net):
+    loc = B.pyro.param("n_loc", torch.tensor(0.0))
+    B.pyro.sample("noise", fixed_lognormal(B, loc, torch.tensor(0.2), eps(60)))
+
+
+def aux_guide(B, x):
+    loc = B.pyro.param("loc", torch.tensor(0.3))
+    scale = B.pyro.param("scale", torch.tensor(0.8), constraint=B.constraints.positive)
+    u = B.pyro.sample("u", fixed_normal(B, loc, scale, eps(0)), infer={"is_auxiliary": True})
+    B.pyro.sample("mu", fixed_normal(B, 2.0 * u, torch.tensor(0.2), eps(1)))
+
+
 # ----------------------------------------------------------------------------------- cases
 
 
@@ -344,7 +373,7 @@ def event_dim_param_guide(B, x, idx):
 class Case:
     model: Callable
     guide: Callable
-    args: tuple
+    args: tuple | Callable  # a callable builds fresh args (e.g. a module) for each run
     loss: str = "Trace_ELBO"
     loss_kwargs: dict = field(default_factory=dict)
 
@@ -390,17 +419,23 @@ CASES = {
     "random_subsample_shared_by_model_and_guide": Case(
         random_subsample_model, random_subsample_guide, (Y_NORMAL,)
     ),
+    "nn_module_in_model": Case(module_model, module_guide, lambda: (X, Y_NORMAL, _net())),
+    "auxiliary_guide_site": Case(conjugate_model, aux_guide, (Y_NORMAL,)),
     "param_event_dim_in_subsampled_plate": Case(
         meanfield_model, event_dim_param_guide, (Y_NORMAL, IDX)
     ),
 }
 
 
+def _args(case):
+    return case.args() if callable(case.args) else case.args
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_loss_and_grads(name):
     case = CASES[name]
     results = [
-        loss_and_grads(B, case.model, case.guide, case.args, None, case.loss, case.loss_kwargs)
+        loss_and_grads(B, case.model, case.guide, _args(case), None, case.loss, case.loss_kwargs)
         for B in both()
     ]
     (want_loss, want_grads, want_values), (loss, grads, values) = results
@@ -419,7 +454,7 @@ def test_adam_trajectory(name):
 
     (want_losses, want), (losses, got) = [
         train(
-            B, case.model, case.guide, make_optim, 5, case.args, None, case.loss, case.loss_kwargs
+            B, case.model, case.guide, make_optim, 5, _args(case), None, case.loss, case.loss_kwargs
         )
         for B in both()
     ]
