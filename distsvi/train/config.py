@@ -75,8 +75,11 @@ class LossConfig:
     name: str = "Trace_ELBO"
     """Trace_ELBO, TraceMeanField_ELBO or TraceGraph_ELBO."""
     num_particles: int = 1
+    """Monte-Carlo samples per loss estimate."""
     vectorize_particles: bool = False
+    """Draw the particles in one vectorized pass."""
     max_plate_nesting: Optional[int] = None
+    """Bound on nested plates (null: found by a trial run)."""
 
 
 @dataclass
@@ -84,6 +87,7 @@ class OptimConfig:
     name: str = "Adam"
     """Adam, ClippedAdam, SGD, AdamW, RMSprop or Adagrad."""
     lr: float = 0.01
+    """Learning rate (> 0)."""
     options: dict[str, Any] = field(default_factory=dict)
     """Other optimizer arguments, e.g. ``betas`` or ``weight_decay``."""
     per_param: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -97,6 +101,7 @@ class ScheduleConfig:
     name: str = "none"
     """none, exponential (gamma), step (step_size, gamma) or cosine (T_max)."""
     options: dict[str, Any] = field(default_factory=dict)
+    """Arguments of the torch scheduler, e.g. ``gamma: 0.999``."""
     every: int = 1
     """Step the scheduler once every this many training steps."""
 
@@ -110,7 +115,8 @@ class RunConfig:
     batch_size: int = 64
     """Rows per step on each rank."""
     seed: int = 0
-    """Run seed; rank r draws its Monte-Carlo noise from seed + r."""
+    """Run seed: rank 0 draws its Monte-Carlo noise from it, other ranks from seeds derived
+    from it and their rank; the data shuffle of each epoch derives from it too."""
     val_every: int = 100
     """Validate every this many steps (and at the end)."""
     log_every: int = 10
@@ -124,10 +130,12 @@ class RunConfig:
 @dataclass
 class CheckpointConfig:
     dir: str = "runs/default/checkpoints"
+    """Where rank 0 writes ``step_*.pt`` files and the resolved ``config.yaml``."""
     every: int = 100
     """Save every this many steps (and at the end); 0 saves only at the end."""
     keep: int = 3
-    """Keep the newest this many checkpoints (at least 2: the newest may be half-written)."""
+    """Keep the newest this many checkpoint files (2 or more, so that a good one remains if
+    the newest turns out unreadable)."""
     resume: str = "auto"
     """auto (newest checkpoint that loads), never, or the path of a checkpoint file."""
 
@@ -149,12 +157,15 @@ class DistConfig:
     backend: str = "auto"
     """auto (nccl with CUDA, else gloo), gloo or nccl."""
     timeout_s: int = 600
+    """Seconds a collective waits for the other ranks before failing."""
     bucket_cap_mb: float = 25.0
+    """Size of a gradient all-reduce bucket, in MiB."""
 
 
 @dataclass
 class TrainConfig:
     name: str = "default"
+    """The job's name (for people; directories are set in checkpoint.dir and log.dir)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     guide: GuideConfig = field(default_factory=GuideConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -211,12 +222,16 @@ def load_config(
         cfg = load_config("configs/quickstart.yaml", ["run.steps=500"])
     """
     path = resolve_config_path(spec)
+    text = path.read_text()
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as e:
+        key, tag = _unsafe_tag(text)
+        raise ConfigError(key, f"the YAML tag {tag!r} is refused: configs hold plain values only") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(str(path), f"not valid safe YAML{where}: {_first_line(e)}") from None
+        raise ConfigError(str(path), f"not valid YAML{where}: {_first_line(e)}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -246,6 +261,28 @@ def from_yaml(text: str) -> TrainConfig:
     """The inverse of :func:`to_yaml` (for configs read back from a checkpoint)."""
     merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(yaml.safe_load(text)))
     return OmegaConf.to_object(merged)
+
+
+def _unsafe_tag(text: str) -> tuple[str, str]:
+    """The dotted key and tag of the first node that ``yaml.safe_load`` cannot build."""
+    known = yaml.SafeLoader.yaml_constructors
+
+    def walk(node: yaml.Node, key: str) -> Optional[tuple[str, str]]:
+        if node.tag not in known:
+            return key or "<top>", node.tag
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                found = walk(v, f"{key}.{k.value}" if key else str(k.value))
+                if found:
+                    return found
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                found = walk(v, f"{key}[{i}]")
+                if found:
+                    return found
+        return None
+
+    return walk(yaml.compose(text), "") or ("<top>", "?")
 
 
 def _first_line(e: Exception) -> str:
