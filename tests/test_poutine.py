@@ -14,6 +14,7 @@ import distsvi as pyro
 import distsvi.distributions as dist
 from distsvi import poutine
 from distsvi.distributions import constraints
+from distsvi.poutine.runtime import am_i_wrapped
 
 X = torch.tensor([0.5, -1.0, 2.0, 1.5])
 
@@ -311,3 +312,73 @@ def test_primitives_outside_handlers():
     assert z.shape == ()
     assert pyro.sample("o", dist.Normal(0.0, 1.0), obs=torch.tensor(2.0)).item() == 2.0
     assert math.isclose(pyro.param("q", torch.tensor(3.0)).item(), 3.0)
+
+
+def test_seed_restores_the_outer_rng_state():
+    torch.manual_seed(1)
+    want = torch.rand(3)
+    torch.manual_seed(1)
+    with poutine.seed(rng_seed=5):
+        pyro.sample("u", dist.Normal(0.0, 1.0))
+    assert torch.equal(torch.rand(3), want)
+
+
+def test_condition_on_a_trace():
+    tr = poutine.trace(model).get_trace()
+    cond = poutine.trace(poutine.condition(model, data=tr)).get_trace()
+    assert cond.nodes["z"]["is_observed"]
+    assert torch.equal(cond.nodes["z"]["value"], tr.nodes["z"]["value"])
+
+
+def test_block_with_predicates():
+    tr = poutine.trace(
+        poutine.block(two_site_model, hide_fn=lambda msg: msg["name"] == "a")
+    ).get_trace()
+    assert sorted(n for n in tr.nodes if n in ("a", "x", "y")) == ["x", "y"]
+    tr = poutine.trace(
+        poutine.block(two_site_model, expose_fn=lambda msg: msg["name"] == "a")
+    ).get_trace()
+    assert [n for n in tr.nodes if n in ("a", "x", "y")] == ["a"]
+
+
+def test_handler_stack_is_clean_after_an_exception():
+    def broken():
+        pyro.sample("ok", dist.Normal(0.0, 1.0))
+        raise KeyError("boom")
+
+    with pytest.raises(KeyError):
+        with poutine.trace(), poutine.scale(scale=2.0):
+            broken()
+    with pytest.raises(KeyError):
+        poutine.trace(poutine.block(broken)).get_trace()
+    assert not am_i_wrapped()
+    assert pyro.sample("after", dist.Normal(0.0, 1.0), obs=torch.tensor(1.0)).item() == 1.0
+
+
+def test_return_and_input_nodes():
+    tr = poutine.trace(model).get_trace(X)
+    assert tr.nodes["_RETURN"]["value"] is tr.nodes["z"]["value"]
+    assert tr.nodes["_INPUT"]["args"] == (X,)
+
+
+def test_log_prob_sum_with_site_filter():
+    tr = poutine.trace(model).get_trace()
+    z = tr.nodes["z"]["value"]
+    got = tr.log_prob_sum(lambda name, site: name == "z")
+    torch.testing.assert_close(got, torch.distributions.Normal(0.0, 1.0).log_prob(z))
+
+
+def test_scale_with_a_tensor():
+    s = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    tr = poutine.trace(poutine.scale(model, scale=s)).get_trace()
+    tr.compute_log_prob()
+    z = tr.nodes["z"]["value"]
+    want = (torch.distributions.Normal(z, 0.5).log_prob(X) * s).sum()
+    torch.testing.assert_close(tr.nodes["obs"]["log_prob_sum"], want)
+
+
+def test_trace_inside_plate_records_frames_outermost_first():
+    with poutine.trace() as outer:
+        with pyro.plate("a", 2, dim=-2), pyro.plate("b", 3, dim=-1):
+            pyro.sample("x", dist.Normal(0.0, 1.0))
+    assert [f.name for f in outer.trace.nodes["x"]["cond_indep_stack"]] == ["a", "b"]
