@@ -1,0 +1,153 @@
+"""``SVI``: Pyro's constructor forms, ``step``/``evaluate_loss``, and the ``grad_hook`` seam."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import distsvi as pyro
+import distsvi.distributions as dist
+from distsvi.distributions import constraints
+from distsvi.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from distsvi.optim import SGD, Adam
+
+DATA = torch.tensor([0.5, 1.5, 1.0])
+
+
+def model(data=DATA, shift=0.0):
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", len(data)):
+        pyro.sample("obs", dist.Normal(mu + shift, 1.0), obs=data)
+
+
+def guide(data=DATA, shift=0.0):
+    pyro.sample("mu", dist.Delta(pyro.param("mu_map", torch.tensor(0.2))))
+
+
+def _loss_by_hand(m, data=DATA, shift=0.0):
+    """-log p(m, data): the Trace_ELBO of a Delta guide at m."""
+    m = torch.as_tensor(m)
+    return -(
+        torch.distributions.Normal(0.0, 1.0).log_prob(m)
+        + torch.distributions.Normal(m + shift, 1.0).log_prob(data).sum()
+    ).item()
+
+
+def test_step_value_and_update():
+    svi = SVI(model, guide, SGD({"lr": 0.1}), Trace_ELBO())
+    loss = svi.step()
+    assert isinstance(loss, float)
+    assert loss == pytest.approx(_loss_by_hand(0.2), rel=1e-6)
+    grad = 0.2 - (DATA - 0.2).sum().item()  # d/dm of -log p
+    assert pyro.param("mu_map").item() == pytest.approx(0.2 - 0.1 * grad, rel=1e-6)
+
+
+def test_step_passes_args_and_kwargs():
+    svi = SVI(model, guide, SGD({"lr": 0.0}), Trace_ELBO())
+    data = torch.tensor([3.0, 4.0])
+    assert svi.step(data, shift=1.0) == pytest.approx(_loss_by_hand(0.2, data, 1.0), rel=1e-6)
+
+
+def test_evaluate_loss_leaves_params_alone():
+    svi = SVI(model, guide, SGD({"lr": 0.1}), Trace_ELBO())
+    svi.step()
+    before = pyro.param("mu_map").item()
+    value = svi.evaluate_loss()
+    assert isinstance(value, float)
+    assert value == pytest.approx(_loss_by_hand(before), rel=1e-6)
+    assert pyro.param("mu_map").item() == before
+    raw = dict(pyro.get_param_store().named_parameters())["mu_map"]
+    assert raw.grad is None or not raw.grad.any()
+
+
+def test_elbo_loss_and_differentiable_loss_agree():
+    elbo = Trace_ELBO()
+    pyro.param("mu_map", torch.tensor(0.2))
+    value = elbo.loss(model, guide)
+    assert isinstance(value, float) and value == pytest.approx(_loss_by_hand(0.2), rel=1e-6)
+    diff = elbo.differentiable_loss(model, guide)
+    assert diff.requires_grad and diff.item() == pytest.approx(value, rel=1e-6)
+    lg = elbo.loss_and_grads(model, guide)
+    assert float(lg) == pytest.approx(value, rel=1e-6)
+    raw = dict(pyro.get_param_store().named_parameters())["mu_map"]
+    assert raw.grad.item() == pytest.approx(0.2 - (DATA - 0.2).sum().item(), rel=1e-6)
+
+
+def test_num_particles_averages():
+    pyro.param("mu_map", torch.tensor(0.2))
+    one = Trace_ELBO().loss(model, guide)
+    three = Trace_ELBO(num_particles=3).loss(model, guide)
+    assert three == pytest.approx(one, rel=1e-6)  # a Delta guide: every particle is the same
+
+
+def test_loss_as_a_callable():
+    """Pyro accepts any ``loss(model, guide, *args)`` returning a differentiable tensor."""
+    svi = SVI(model, guide, SGD({"lr": 0.1}), Trace_ELBO().differentiable_loss)
+    loss = svi.step()
+    assert loss == pytest.approx(_loss_by_hand(0.2), rel=1e-6)
+    grad = 0.2 - (DATA - 0.2).sum().item()
+    assert pyro.param("mu_map").item() == pytest.approx(0.2 - 0.1 * grad, rel=1e-6)
+
+
+def test_custom_loss_and_grads():
+    calls = []
+
+    def loss_and_grads(model_, guide_, *args, **kwargs):
+        calls.append((model_, guide_, args, kwargs))
+        return Trace_ELBO().loss_and_grads(model_, guide_, *args, **kwargs)
+
+    svi = SVI(model, guide, SGD({"lr": 0.1}), Trace_ELBO(), loss_and_grads=loss_and_grads)
+    svi.step(DATA, shift=0.0)
+    assert calls and calls[0][0] is model and calls[0][1] is guide
+    assert calls[0][2] == (DATA,) and calls[0][3] == {"shift": 0.0}
+
+
+def test_torch_optimizer_class_is_refused():
+    with pytest.raises((ValueError, TypeError)):
+        SVI(model, guide, torch.optim.Adam, Trace_ELBO()).step()
+
+
+def test_grad_hook_sees_named_unconstrained_params_and_can_skip():
+    seen = {}
+
+    def hook(loss, params):
+        seen.update(params)
+        assert torch.is_tensor(loss) and loss.dim() == 0
+        for p in params.values():
+            assert p.grad is not None
+        return None  # skip the optimizer step
+
+    def g(data=DATA, shift=0.0):
+        s = pyro.param("s", torch.tensor(1.0), constraint=constraints.positive)
+        pyro.sample("mu", dist.Normal(pyro.param("loc", torch.tensor(0.0)), s))
+
+    svi = SVI(model, g, Adam({"lr": 0.5}), Trace_ELBO(), grad_hook=hook)
+    svi.step()
+    assert set(seen) == {"s", "loc"}
+    raw = dict(pyro.get_param_store().named_parameters())
+    assert seen["s"] is raw["s"] and seen["loc"] is raw["loc"]
+    assert pyro.param("loc").item() == 0.0 and pyro.param("s").item() == pytest.approx(1.0)
+    svi.grad_hook = lambda loss, params: loss
+    svi.step()
+    assert pyro.param("loc").item() != 0.0
+
+
+def test_mean_field_elbo_value_for_normal_guide():
+    """KL(q||p) analytic + E_q[log lik] via the one draw: check against torch."""
+
+    def g(data=DATA, shift=0.0):
+        pyro.sample("mu", dist.Normal(pyro.param("loc", torch.tensor(0.3)), 0.5))
+
+    pyro.set_rng_seed(0)
+    torch.manual_seed(0)
+    value = TraceMeanField_ELBO().loss(model, g)
+    torch.manual_seed(0)
+    mu = torch.distributions.Normal(0.3, 0.5).rsample()
+    kl = torch.distributions.kl_divergence(
+        torch.distributions.Normal(0.3, 0.5), torch.distributions.Normal(0.0, 1.0)
+    )
+    want = kl - torch.distributions.Normal(mu, 1.0).log_prob(DATA).sum()
+    assert value == pytest.approx(want.item(), rel=1e-5)
+    assert math.isfinite(value)
