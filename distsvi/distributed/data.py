@@ -68,7 +68,7 @@ def epoch_permutation(size: int, seed: int, epoch: int) -> Tensor:
     :returns: a CPU ``LongTensor`` permutation.
     """
     g = torch.Generator().manual_seed(_mix(seed, epoch))
-    return torch.randperm(size, generator=g)
+    return torch.randperm(size, generator=g, device="cpu")
 
 
 def shard_indices(
@@ -90,7 +90,7 @@ def shard_indices(
     if seed is None:
         base, extra = divmod(size, world_size)
         start = rank * base + min(rank, extra)
-        return torch.arange(start, start + base + (rank < extra))
+        return torch.arange(start, start + base + (rank < extra), device="cpu")
     return epoch_permutation(size, seed, epoch)[rank::world_size]
 
 

@@ -62,6 +62,7 @@ def _entry(
 
     distsvi.clear_param_store()
     group = dd.init(backend=backend)
+    torch.set_default_device(group.device)
     try:
         result: Any = fn(group, *args)
     except Exception as e:  # noqa: BLE001 (returned to the test, which checks it)
@@ -107,7 +108,7 @@ def run_ranks(
                         p.kill()
                 pytest.fail(f"ranks did not finish within {timeout} s (a hang?)")
         return [
-            torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
+            torch.load(os.path.join(out_dir, f"rank{r}.pt"), map_location="cpu", weights_only=False)
             for r in range(world_size)
         ]
 

@@ -17,10 +17,16 @@ from distsvi.distributions import constraints
 
 def make_logistic(n: int = 512, d: int = 4, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g).to(torch.get_default_dtype())
-    w = torch.linspace(-1.0, 1.0, d)
-    y = torch.bernoulli(torch.sigmoid(x @ w + 0.3), generator=g).to(x.dtype)
-    return x, y
+    x = torch.randn(n, d, generator=g, device="cpu")
+    w = torch.linspace(-1.0, 1.0, d, device="cpu")
+    y = torch.bernoulli(torch.sigmoid(x @ w + 0.3), generator=g)
+    return _here(x), _here(y)
+
+
+def _here(t: torch.Tensor) -> torch.Tensor:
+    """Data is drawn on the CPU (same numbers everywhere), then moved to the default
+    device and dtype (a GPU under NCCL)."""
+    return t.to(torch.get_default_device(), torch.get_default_dtype())
 
 
 def logistic_model(x, y, batch=None, idx=None):
@@ -48,9 +54,9 @@ def logistic_normal_guide(x, y, batch=None, idx=None):
 
 def make_hierarchical(n: int = 256, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    z = 1.5 + torch.randn(n, generator=g)
-    y = (z + 0.5 * torch.randn(n, generator=g)).to(torch.get_default_dtype())
-    return torch.zeros(n, 1), y
+    z = 1.5 + torch.randn(n, generator=g, device="cpu")
+    y = z + 0.5 * torch.randn(n, generator=g, device="cpu")
+    return torch.zeros(n, 1), _here(y)
 
 
 def hierarchical_model(x, y, batch=None, idx=None):
