@@ -117,7 +117,7 @@ def test_grad_hook_sees_named_unconstrained_params_and_can_skip():
         assert torch.is_tensor(loss) and loss.dim() == 0
         for p in params.values():
             assert p.grad is not None
-        return None  # skip the optimizer step
+        # returning None skips the optimizer step
 
     def g(data=DATA, shift=0.0):
         s = pyro.param("s", torch.tensor(1.0), constraint=constraints.positive)
