@@ -98,7 +98,9 @@ def test_custom_loss_and_grads():
         calls.append((model_, guide_, args, kwargs))
         return Trace_ELBO().loss_and_grads(model_, guide_, *args, **kwargs)
 
-    svi = SVI(model, guide, SGD({"lr": 0.1}), Trace_ELBO(), loss_and_grads=loss_and_grads)
+    # (Pyro uses a custom loss_and_grads when the loss is a plain callable, as here)
+    elbo = Trace_ELBO()
+    svi = SVI(model, guide, SGD({"lr": 0.1}), elbo.differentiable_loss, loss_and_grads)
     svi.step(DATA, shift=0.0)
     assert calls and calls[0][0] is model and calls[0][1] is guide
     assert calls[0][2] == (DATA,) and calls[0][3] == {"shift": 0.0}
