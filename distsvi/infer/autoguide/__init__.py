@@ -1,0 +1,24 @@
+"""Automatic guides, as in ``pyro.infer.autoguide``."""
+
+from .guides import AutoDelta, AutoGuide, AutoGuideList, AutoNormal
+from .initialization import (
+    init_to_feasible,
+    init_to_mean,
+    init_to_median,
+    init_to_sample,
+    init_to_uniform,
+    init_to_value,
+)
+
+__all__ = [
+    "AutoDelta",
+    "AutoGuide",
+    "AutoGuideList",
+    "AutoNormal",
+    "init_to_feasible",
+    "init_to_mean",
+    "init_to_median",
+    "init_to_sample",
+    "init_to_uniform",
+    "init_to_value",
+]
