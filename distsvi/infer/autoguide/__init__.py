@@ -1,5 +1,11 @@
 """Automatic guides, as in ``pyro.infer.autoguide``."""
 
+from .continuous import (
+    AutoContinuous,
+    AutoDiagonalNormal,
+    AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal,
+)
 from .guides import AutoDelta, AutoGuide, AutoGuideList, AutoNormal
 from .initialization import (
     init_to_feasible,
@@ -11,9 +17,13 @@ from .initialization import (
 )
 
 __all__ = [
+    "AutoContinuous",
     "AutoDelta",
+    "AutoDiagonalNormal",
     "AutoGuide",
     "AutoGuideList",
+    "AutoLowRankMultivariateNormal",
+    "AutoMultivariateNormal",
     "AutoNormal",
     "init_to_feasible",
     "init_to_mean",
