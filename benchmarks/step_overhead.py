@@ -84,7 +84,7 @@ def ppl_hier(pyro, dist):
     return model, guide, (group, y)
 
 
-def torch_logreg():
+def torch_logreg(compiled: bool = False):
     """The logistic regression step written by hand."""
     X, y = logreg_data()
     Normal, Bernoulli = torch.distributions.Normal, torch.distributions.Bernoulli
@@ -94,22 +94,36 @@ def torch_logreg():
     b_us = torch.tensor(0.1).log().requires_grad_()
     opt = torch.optim.Adam([w_loc, w_us, b_loc, b_us], lr=0.01)
 
-    def step():
+    def loss_fn():
         qw, qb = Normal(w_loc, w_us.exp()), Normal(b_loc, b_us.exp())
         w, b = qw.rsample(), qb.rsample()
         idx = torch.randperm(N)[:B]
         logp = Normal(torch.zeros(D), 1.0).log_prob(w).sum() + Normal(0.0, 1.0).log_prob(b)
         logp = logp + (N / B) * Bernoulli(logits=X[idx] @ w + b).log_prob(y[idx]).sum()
-        loss = -(logp - qw.log_prob(w).sum() - qb.log_prob(b))
+        return -(logp - qw.log_prob(w).sum() - qb.log_prob(b))
+
+    return _hand_step(loss_fn, opt, compiled)
+
+
+def _hand_step(loss_fn, opt, compiled: bool):
+    """zero_grad, backward, Adam; with ``compiled``, loss and Adam step through torch.compile."""
+    if compiled:
+        loss_fn = torch.compile(loss_fn)
+        opt_step = torch.compile(opt.step)
+    else:
+        opt_step = opt.step
+
+    def step():
+        loss = loss_fn()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        opt_step()
         return loss.item()
 
     return step
 
 
-def torch_hier():
+def torch_hier(compiled: bool = False):
     """The hierarchical model step written by hand."""
     group, y = hier_data()
     Normal, LogNormal = torch.distributions.Normal, torch.distributions.LogNormal
@@ -122,7 +136,7 @@ def torch_hier():
         v.requires_grad_()
     opt = torch.optim.Adam(list(p.values()), lr=0.01)
 
-    def step():
+    def loss_fn():
         qmu = Normal(p["mu_loc"], p["mu_us"].exp())
         qtau = LogNormal(p["tau_loc"], p["tau_us"].exp())
         qt = Normal(p["t_loc"], p["t_us"].exp())
@@ -131,20 +145,31 @@ def torch_hier():
         logp = logp + Normal(mu, tau).expand([GROUPS]).log_prob(theta).sum()
         logp = logp + Normal(theta[group], 1.0).log_prob(y).sum()
         logq = qmu.log_prob(mu) + qtau.log_prob(tau) + qt.log_prob(theta).sum()
-        loss = -(logp - logq)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.item()
+        return -(logp - logq)
 
-    return step
+    return _hand_step(loss_fn, opt, compiled)
 
 
-def svi_step(pyro_mod, infer, optim, dist, build):
-    pyro_mod.clear_param_store()
+def svi_step(pyro_mod, infer, optim, dist, build, **svi_kwargs):
     model, guide, data = build(pyro_mod, dist)
-    svi = infer.SVI(model, guide, optim.Adam({"lr": 0.01}), infer.Trace_ELBO())
-    return lambda: svi.step(*data)
+    svi = infer.SVI(model, guide, optim.Adam({"lr": 0.01}), infer.Trace_ELBO(), **svi_kwargs)
+
+    def step():
+        # each implementation keeps its own params: swap its store in around the step
+        store = pyro_mod.get_param_store()
+        saved = store._params, store._constraints, getattr(store, "_transforms", None)
+        store._params, store._constraints = own["params"], own["constraints"]
+        if saved[2] is not None:
+            store._transforms = own["transforms"]
+        try:
+            return svi.step(*data)
+        finally:
+            store._params, store._constraints = saved[0], saved[1]
+            if saved[2] is not None:
+                store._transforms = saved[2]
+
+    own = {"params": {}, "constraints": {}, "transforms": {}}
+    return step
 
 
 def time_steps(step, n: int) -> list[float]:
@@ -181,7 +206,12 @@ def main(argv: list[str] | None = None) -> None:
     }
     rows = []
     for label, (ppl_build, torch_build) in models.items():
-        impls = {"torch": torch_build(), "distsvi": svi_step(distsvi, dinfer, doptim, ddist, ppl_build)}
+        impls = {
+            "torch": torch_build(),
+            "distsvi": svi_step(distsvi, dinfer, doptim, ddist, ppl_build),
+            "torch compiled": torch_build(compiled=True),
+            "distsvi compiled": svi_step(distsvi, dinfer, doptim, ddist, ppl_build, compile=True),
+        }
         if pyro is not None:
             impls["pyro"] = svi_step(pyro, pinfer, poptim, pdist, ppl_build)
         times: dict[str, list[float]] = {k: [] for k in impls}
@@ -195,14 +225,20 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"median us per step, 1 thread, torch {torch.__version__}"
           + (f", pyro {pyro.__version__}" if pyro else ""))
-    header = "| model | torch (hand-written) | distsvi | pyro | distsvi / torch | pyro / torch |"
-    print(header)
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        "| model | torch eager | distsvi eager | pyro | distsvi / torch | pyro / torch "
+        "| torch compiled | distsvi compiled | compiled ratio |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for label, med in rows:
         t, d, p = med["torch"], med["distsvi"], med.get("pyro")
+        tc, dc = med["torch compiled"], med["distsvi compiled"]
         pyro_us = "-" if p is None else f"{p:.0f}"
         pyro_ratio = "-" if p is None else f"{p / t:.2f}"
-        print(f"| {label} | {t:.0f} | {d:.0f} | {pyro_us} | {d / t:.2f} | {pyro_ratio} |")
+        print(
+            f"| {label} | {t:.0f} | {d:.0f} | {pyro_us} | {d / t:.2f} | {pyro_ratio} "
+            f"| {tc:.0f} | {dc:.0f} | {dc / tc:.2f} |"
+        )
 
 
 if __name__ == "__main__":

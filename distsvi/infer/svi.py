@@ -26,6 +26,11 @@ class SVI:
         with the 0-dim loss tensor and ``{name: unconstrained param}`` of this step; it may
         change gradients (e.g. average them across ranks), and returning ``None`` skips the
         optimizer step. This is the seam :mod:`distsvi.distributed` uses.
+    :param compile: ``True`` (or a dict of ``torch.compile`` options) to run steps through
+        ``torch.compile`` once the params exist: the first step runs eagerly (params are
+        created and the model is checked), later steps run the compiled loss (and the
+        compiled optimizer step for torch's own optimizers without a scheduler). A step
+        that creates new params falls back to eager and recompiles. Needs an ELBO loss.
 
     Example::
 
@@ -44,6 +49,7 @@ class SVI:
         num_samples: int = 0,
         num_steps: int = 0,
         grad_hook: GradHook | None = None,
+        compile: bool | dict = False,
         **kwargs: Any,
     ) -> None:
         if not callable(optim):
@@ -70,23 +76,68 @@ class SVI:
             self.loss_and_grads = loss_and_grads or _loss_and_grads
         else:
             raise TypeError(f"loss must be an ELBO or a callable, got {loss!r}")
+        if compile and (loss_and_grads is not None or not hasattr(loss, "differentiable_loss")):
+            raise ValueError("SVI(compile=True) needs an ELBO loss and no custom loss_and_grads")
+        self._compile_options = ({} if compile is True else dict(compile)) if compile else None
+        self._elbo = loss
+        self._compiled: tuple | None = None  # (loss fn, optimizer step, params, store size)
 
     def step(self, *args: Any, **kwargs: Any) -> float:
         """Take one optimizer step on the loss; return the loss estimate (a float)."""
+        compiled = self._compiled
+        if compiled is not None and len(_PARAM_STORE) == compiled[3]:
+            return self._step_compiled(args, kwargs)
         with poutine.trace(param_only=True) as param_capture:
             loss = self.loss_and_grads(self.model, self.guide, *args, **kwargs)
         store = _PARAM_STORE._params
         params = {name: store[name] for name in param_capture.trace.nodes}
+        if self._compile_options is not None:
+            self._prepare_compiled(params)
+        return self._apply(loss, params)
+
+    def _apply(self, loss: torch.Tensor, params: dict[str, torch.Tensor], optim_step=None) -> float:
+        """Hook, optimizer step, zeroed grads: the end of every step."""
         if self.grad_hook is not None:
             reported = self.grad_hook(loss, params)
             if reported is not None:
-                self.optim(params)
+                (optim_step or self.optim)(params)
                 loss = reported
         else:
-            self.optim(params)
+            (optim_step or self.optim)(params)
         for p in params.values():
             p.grad = None
         return float(loss)  # host sync: the one per step, as Pyro's step returns a float
+
+    def _prepare_compiled(self, params: dict[str, torch.Tensor]) -> None:
+        elbo, model, guide = self._elbo, self.model, self.guide
+        loss_fn = torch.compile(
+            lambda *a, **k: elbo.differentiable_loss(model, guide, *a, **k), **self._compile_options
+        )
+        optimizer = getattr(self.optim, "optimizer", None)
+        optim_step = None
+        if (
+            optimizer is not None
+            and type(optimizer).__module__.startswith("torch.optim")
+            and getattr(self.optim, "scheduler", None) is None
+            and not getattr(self.optim, "pt_clip_args", None)
+        ):
+            # lr is a float in the param group: a scheduler would force a recompile per change.
+            compiled_opt = torch.compile(optimizer.step, **self._compile_options)
+            optim_step = lambda _params: compiled_opt()  # noqa: E731
+        self._compiled = (loss_fn, optim_step, dict(params), len(_PARAM_STORE))
+
+    def _step_compiled(self, args: tuple, kwargs: dict) -> float:
+        loss_fn, optim_step, params, _ = self._compiled
+        dist_cls = torch.distributions.Distribution
+        validate = dist_cls._validate_args
+        # The model was checked on the eager step; value checks would break the graph.
+        dist_cls.set_default_validate_args(False)
+        try:
+            loss = loss_fn(*args, **kwargs)
+        finally:
+            dist_cls.set_default_validate_args(validate)
+        loss.backward()
+        return self._apply(loss.detach(), params, optim_step)
 
     def evaluate_loss(self, *args: Any, **kwargs: Any) -> float:
         """The loss estimate with no gradient computed and no parameter changed."""

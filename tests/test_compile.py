@@ -1,0 +1,47 @@
+"""SVI(compile=True): the compiled step takes the same steps as the eager one."""
+
+import pytest
+import torch
+from torch.distributions import constraints
+
+import distsvi as pyro
+import distsvi.distributions as dist
+from distsvi.infer import SVI, Trace_ELBO
+from distsvi.optim import Adam
+
+
+def model(x, y):
+    w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+    with pyro.plate("data", len(x), subsample_size=16) as idx:
+        pyro.sample("obs", dist.Bernoulli(logits=x[idx] @ w), obs=y[idx])
+
+
+def guide(x, y):
+    loc = pyro.param("loc", torch.zeros(3))
+    scale = pyro.param("scale", torch.full((3,), 0.5), constraint=constraints.positive)
+    pyro.sample("w", dist.Normal(loc, scale).to_event(1))
+
+
+def run(compile_: bool, steps: int = 15):
+    pyro.clear_param_store()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 3, generator=g)
+    y = torch.bernoulli(torch.sigmoid(x @ torch.tensor([1.0, -2.0, 0.5])), generator=g)
+    torch.manual_seed(0)
+    svi = SVI(model, guide, Adam({"lr": 0.05}), Trace_ELBO(), compile=compile_)
+    losses = [svi.step(x, y) for _ in range(steps)]
+    return losses, {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+
+
+@pytest.mark.timeout(600)
+def test_compiled_step_matches_eager():
+    eager_losses, eager_params = run(False)
+    compiled_losses, compiled_params = run(True)
+    torch.testing.assert_close(torch.tensor(compiled_losses), torch.tensor(eager_losses), rtol=1e-4, atol=1e-4)
+    for name, value in eager_params.items():
+        torch.testing.assert_close(compiled_params[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_needs_an_elbo():
+    with pytest.raises(ValueError, match="compile=True"):
+        SVI(model, guide, Adam({"lr": 0.1}), lambda m, g, *a: torch.tensor(0.0), compile=True)
