@@ -21,7 +21,7 @@ from distsvi.optim import ClippedAdam
 PRIOR_LOC, PRIOR_SCALE, NOISE = 1.0, 2.0, 1.5
 
 
-REPLICAS = 64
+REPLICAS = 128
 
 
 def model(x: torch.Tensor) -> None:
@@ -49,7 +49,7 @@ def test_normal_normal_reaches_exact_posterior():
     mean, std = exact_posterior(x)
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
-    steps, tail = 1500, 500
+    steps, tail = 800, 300
     svi = SVI(model, guide, ClippedAdam({"lr": 0.05, "lrd": 0.1 ** (1 / steps)}), Trace_ELBO())
     locs, log_scales = [], []
     for step in range(steps):
