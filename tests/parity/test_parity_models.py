@@ -366,6 +366,25 @@ def aux_guide(B, x):
     B.pyro.sample("mu", fixed_normal(B, 2.0 * u, torch.tensor(0.2), eps(1)))
 
 
+OBS_MASK = torch.arange(N) % 4 != 2
+Y_MISSING = torch.where(OBS_MASK, Y_NORMAL, torch.tensor(100.0, dtype=D))  # junk where missing
+
+
+def obs_mask_model(B, y, m):
+    mu = B.pyro.sample("mu", B.dist.Normal(0.0, 3.0))
+    with B.pyro.plate("data", len(y)):
+        B.pyro.sample("y", B.dist.Normal(mu, 1.0), obs=y, obs_mask=m)
+
+
+def obs_mask_guide(B, y, m):
+    loc = B.pyro.param("loc", torch.tensor(0.3))
+    scale = B.pyro.param("scale", torch.tensor(0.8), constraint=B.constraints.positive)
+    B.pyro.sample("mu", fixed_normal(B, loc, scale, eps(0)))
+    y_loc = B.pyro.param("y_loc", torch.zeros(len(y)))
+    with B.pyro.plate("data", len(y)):
+        B.pyro.sample("y_unobserved", fixed_normal(B, y_loc, torch.tensor(0.5), eps(30, N)))
+
+
 # ----------------------------------------------------------------------------------- cases
 
 
@@ -420,6 +439,7 @@ CASES = {
         random_subsample_model, random_subsample_guide, (Y_NORMAL,)
     ),
     "nn_module_in_model": Case(module_model, module_guide, lambda: (X, Y_NORMAL, _net())),
+    "obs_mask_with_missing_values": Case(obs_mask_model, obs_mask_guide, (Y_MISSING, OBS_MASK)),
     "auxiliary_guide_site": Case(conjugate_model, aux_guide, (Y_NORMAL,)),
     "param_event_dim_in_subsampled_plate": Case(
         meanfield_model, event_dim_param_guide, (Y_NORMAL, IDX)
