@@ -23,7 +23,8 @@ term ``(cost - baseline)**2`` added to the loss being differentiated.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
