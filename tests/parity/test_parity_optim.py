@@ -236,3 +236,36 @@ def test_optim_state_resume_in_another_order(tmp_path):
     got_losses, got = _resumed_run(distsvi_b, tmp_path, 3, 3)
     assert_close(got_losses, want_losses[3:], "losses after resuming")
     assert_same_params(got, want, "params after resuming (vs Pyro uninterrupted)")
+
+
+def test_clip_args():
+    def make(B):
+        return B.optim.Adam({"lr": 0.1}, {"clip_norm": 0.5})
+
+    _check(_trajectories(make), "Adam with clip_args clip_norm")
+
+    def make_value(B):
+        return B.optim.SGD({"lr": 0.01}, {"clip_value": 0.3})
+
+    _check(_trajectories(make_value), "SGD with clip_args clip_value")
+
+
+@pytest.mark.parametrize("name", ["ExponentialLR", "StepLR", "OneCycleLR"])
+def test_scheduler_with_late_param(name):
+    """Pyro keeps one scheduler per param, started when the param first appears."""
+    results = []
+    for B in both():
+        B.pyro.clear_param_store()
+        scheduler = getattr(B.optim, name)(SCHEDULERS[name]())
+        svi = B.infer.SVI(
+            functools.partial(model, B),
+            functools.partial(guide, B),
+            scheduler,
+            B.infer.Trace_ELBO(),
+        )
+        losses = []
+        for i in range(9):
+            losses.append(svi.step(DATA, use_c=i >= 3))
+            scheduler.step()
+        results.append((losses, {n: p.detach().clone() for n, p in unconstrained(B).items()}))
+    _check(results, f"{name} with a param appearing at step 4")
