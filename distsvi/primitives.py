@@ -88,7 +88,7 @@ def _masked_observe(name, fn, obs, obs_mask, infer, args, kwargs):
     return deterministic(name, value, event_dim=len(fn.event_shape))
 
 
-def _get_param(name, init_tensor, constraint, event_dim):
+def _get_param(name, init_tensor, constraint, event_dim=None):
     return _PARAM_STORE.get_param(name, init_tensor, constraint, event_dim)
 
 
@@ -113,8 +113,8 @@ def param(
         "type": "param",
         "name": name,
         "fn": _get_param,
-        "args": (name, init_tensor, constraint, event_dim),
-        "kwargs": {},
+        "args": (name, init_tensor, constraint),
+        "kwargs": {"event_dim": event_dim},
         "value": None,
         "is_observed": False,
         "infer": {},
@@ -319,6 +319,25 @@ class plate(Messenger):
             msg["cond_indep_stack"] = (self._frame,) + msg["cond_indep_stack"]
             if self._scale != 1.0:
                 msg["scale"] = self._scale * msg["scale"]
+
+    def postprocess_message(self, msg) -> None:
+        # A param declared with event_dim inside a subsampled plate has full-size batch
+        # dims: hand out only the rows of this subsample (Pyro's rule).
+        if msg["type"] != "param" or msg["kwargs"]["event_dim"] is None:
+            return
+        if self.subsample_size >= self.size and self._subsample is None:
+            return
+        dim = self.dim - msg["kwargs"]["event_dim"]
+        value = msg["value"]
+        if value.dim() >= -dim and value.shape[dim] != 1:
+            if value.shape[dim] != self.size:
+                raise ValueError(
+                    f"Inside plate({self.name!r}, {self.size}, dim={self.dim}) param "
+                    f"{msg['name']!r} (event_dim={msg['kwargs']['event_dim']}) has shape "
+                    f"{tuple(value.shape)}; its dim {dim} must have the plate's full size "
+                    f"{self.size}"
+                )
+            msg["value"] = value.index_select(dim, self.indices)
 
 
 class _SequentialPlate(Messenger):

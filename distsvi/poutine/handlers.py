@@ -255,7 +255,8 @@ class mask(Messenger):
 
 
 class seed(Messenger):
-    """Seed torch's, Python's and NumPy's generators on entry, so runs repeat exactly."""
+    """Seed torch's, Python's and NumPy's generators on entry, so runs repeat exactly;
+    the generators' outer states come back on exit."""
 
     def __init__(self, fn: Callable | None = None, rng_seed: int | None = None) -> None:
         if not isinstance(rng_seed, int):
@@ -264,8 +265,34 @@ class seed(Messenger):
         self.rng_seed = rng_seed
 
     def __enter__(self):
+        self._outer_state = get_rng_state()
         set_rng_seed(self.rng_seed)
         return super().__enter__()
+
+    def __exit__(self, *exc_info) -> None:
+        set_rng_state(self._outer_state)
+        super().__exit__(*exc_info)
+
+
+def get_rng_state() -> dict:
+    """The states of torch's, Python's and (when installed) NumPy's generators."""
+    state = {"torch": torch.get_rng_state(), "random": random.getstate()}
+    try:
+        import numpy as np
+    except ImportError:
+        return state
+    state["numpy"] = np.random.get_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`get_rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["random"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
 
 
 def set_rng_seed(rng_seed: int) -> None:
