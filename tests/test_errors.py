@@ -160,3 +160,31 @@ def test_param_init_outside_constraint_in_svi():
 
     with pytest.raises(ValueError, match="neg_scale"):
         _svi_step(model, _empty_guide)
+
+
+def test_mean_field_elbo_refuses_a_non_reparameterised_guide():
+    """Pyro raises NotImplementedError: TraceMeanField_ELBO needs a fully reparameterised guide."""
+
+    def model():
+        pyro.sample("coin", dist.Bernoulli(0.5))
+
+    def guide():
+        p = pyro.param("p", torch.tensor(0.3), constraint=constraints.unit_interval)
+        pyro.sample("coin", dist.Bernoulli(p))
+
+    with pytest.raises(NotImplementedError):
+        _svi_step(model, guide, loss=TraceMeanField_ELBO())
+
+
+def test_guide_site_missing_from_model_warns():
+    """Pyro warns about a non-auxiliary guide site that the model lacks."""
+
+    def model():
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    def guide():
+        pyro.sample("z", dist.Normal(pyro.param("loc", torch.tensor(0.0)), 1.0))
+        pyro.sample("stray_guide_site", dist.Normal(0.0, 1.0))
+
+    with pytest.warns(UserWarning, match="stray_guide_site"):
+        _svi_step(model, guide)

@@ -153,3 +153,17 @@ def test_mean_field_elbo_value_for_normal_guide():
     want = kl - torch.distributions.Normal(mu, 1.0).log_prob(DATA).sum()
     assert value == pytest.approx(want.item(), rel=1e-5)
     assert math.isfinite(value)
+
+
+def test_step_without_any_param():
+    """Pyro: a model and guide with no params still step (there is nothing to update)."""
+
+    def m():
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    def g():
+        pyro.sample("z", dist.Normal(1.0, 1.0))
+
+    svi = SVI(m, g, Adam({"lr": 0.1}), Trace_ELBO())
+    assert math.isfinite(svi.step())
+    assert math.isfinite(svi.evaluate_loss())

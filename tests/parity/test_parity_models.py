@@ -405,6 +405,9 @@ CASES = {
     "logistic_regression_subsampled": Case(logreg_model, logreg_guide, (X, Y_LOGIT, IDX)),
     "hierarchical_nested_plates": Case(hier_model, hier_guide, (HIER_DATA, GIDX)),
     "scale_and_mask": Case(scale_mask_model, scale_mask_guide, (Y_NORMAL, MASK)),
+    "scale_and_mask_mean_field": Case(
+        scale_mask_model, scale_mask_guide, (Y_NORMAL, MASK), "TraceMeanField_ELBO"
+    ),
     "constrained_params": Case(constrained_model, constrained_guide, (Y_NORMAL, CATS, Y2, BITS)),
     "obs_to_event": Case(to_event_model, to_event_guide, (X3,)),
     "mean_field_analytic_kl": Case(
