@@ -346,9 +346,8 @@ def test_handler_stack_is_clean_after_an_exception():
         pyro.sample("ok", dist.Normal(0.0, 1.0))
         raise KeyError("boom")
 
-    with pytest.raises(KeyError):
-        with poutine.trace(), poutine.scale(scale=2.0):
-            broken()
+    with pytest.raises(KeyError), poutine.trace(), poutine.scale(scale=2.0):
+        broken()
     with pytest.raises(KeyError):
         poutine.trace(poutine.block(broken)).get_trace()
     assert not am_i_wrapped()
@@ -378,7 +377,6 @@ def test_scale_with_a_tensor():
 
 
 def test_trace_inside_plate_records_frames_outermost_first():
-    with poutine.trace() as outer:
-        with pyro.plate("a", 2, dim=-2), pyro.plate("b", 3, dim=-1):
-            pyro.sample("x", dist.Normal(0.0, 1.0))
+    with poutine.trace() as outer, pyro.plate("a", 2, dim=-2), pyro.plate("b", 3, dim=-1):
+        pyro.sample("x", dist.Normal(0.0, 1.0))
     assert [f.name for f in outer.trace.nodes["x"]["cond_indep_stack"]] == ["a", "b"]
