@@ -385,6 +385,22 @@ def obs_mask_guide(B, y, m):
         B.pyro.sample("y_unobserved", fixed_normal(B, y_loc, torch.tensor(0.5), eps(30, N)))
 
 
+def masked_latent_model(B, x, m, mask_guide):
+    mu = B.pyro.sample("mu", B.dist.Normal(0.0, 3.0))
+    with B.pyro.plate("data", len(x)):
+        z = B.pyro.sample("z", B.dist.Normal(mu, 1.0).mask(m))
+        B.pyro.sample("x", B.dist.Normal(z, 0.5), obs=x)
+
+
+def masked_latent_guide(B, x, m, mask_guide):
+    loc = B.pyro.param("loc", torch.tensor(0.2))
+    B.pyro.sample("mu", fixed_normal(B, loc, torch.tensor(0.4), eps(0)))
+    z_loc = B.pyro.param("z_loc", torch.zeros(len(x)))
+    with B.pyro.plate("data", len(x)):
+        q = fixed_normal(B, z_loc, torch.tensor(0.6), eps(30, N))
+        B.pyro.sample("z", q.mask(m) if mask_guide else q)
+
+
 # ----------------------------------------------------------------------------------- cases
 
 
@@ -407,6 +423,12 @@ CASES = {
     "scale_and_mask": Case(scale_mask_model, scale_mask_guide, (Y_NORMAL, MASK)),
     "scale_and_mask_mean_field": Case(
         scale_mask_model, scale_mask_guide, (Y_NORMAL, MASK), "TraceMeanField_ELBO"
+    ),
+    "mean_field_masked_latent": Case(
+        masked_latent_model, masked_latent_guide, (Y_NORMAL, MASK, True), "TraceMeanField_ELBO"
+    ),
+    "mean_field_latent_masked_in_model_only": Case(
+        masked_latent_model, masked_latent_guide, (Y_NORMAL, MASK, False), "TraceMeanField_ELBO"
     ),
     "constrained_params": Case(constrained_model, constrained_guide, (Y_NORMAL, CATS, Y2, BITS)),
     "obs_to_event": Case(to_event_model, to_event_guide, (X3,)),
