@@ -70,8 +70,8 @@ def all_reduce_mean(
     :param group: the process group.
     :returns: ``(averaged, trailer, finite)``: views of the averaged values in the order of
         ``tensors``, the averaged trailer, and whether every averaged value (trailer
-        included) is finite. A non-finite value on any rank makes its sum non-finite, so
-        ``finite`` is the same on every rank without a further collective.
+        included) is finite. A non-finite value on any rank makes the sum over ranks
+        non-finite, so ``finite`` is the same on every rank without a further collective.
     """
     carrier = _trailer_bucket(tensors, buckets, trailer)
     flats, works = [], []
@@ -99,8 +99,10 @@ def all_reduce_mean(
     if carrier < 0:
         flats[-1].div_(group.world_size)
     trailer_out = flats[carrier][-trailer.numel() :].to(trailer.dtype)
-    # Sync point: one host read per step decides whether to skip, the same on all ranks.
-    finite = bool(torch.stack([torch.isfinite(f).all() for f in flats]).all())
+    # A sum is non-finite if any term is (or if finite terms overflow, which a step should
+    # not survive either), and is cheaper than an elementwise test. Sync point: one host
+    # read per step decides whether to skip, the same on every rank.
+    finite = bool(torch.isfinite(torch.stack([f.sum() for f in flats]).sum()))
     return averaged, trailer_out, finite
 
 
