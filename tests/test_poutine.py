@@ -380,3 +380,57 @@ def test_trace_inside_plate_records_frames_outermost_first():
     with poutine.trace() as outer, pyro.plate("a", 2, dim=-2), pyro.plate("b", 3, dim=-1):
         pyro.sample("x", dist.Normal(0.0, 1.0))
     assert [f.name for f in outer.trace.nodes["x"]["cond_indep_stack"]] == ["a", "b"]
+
+
+def test_subsample_primitive_indexes_data_inside_a_subsampled_plate():
+    data = torch.arange(20.0).reshape(10, 2)
+    idx = torch.tensor([3, 0, 7])
+    with pyro.plate("d", 10, subsample=idx, dim=-1):
+        got = pyro.subsample(data[:, 0], event_dim=0)
+        got2 = pyro.subsample(data, event_dim=1)
+    assert torch.equal(got, data[idx, 0])
+    assert torch.equal(got2, data[idx])
+
+
+def test_plate_reentered_and_name_reused_sequentially():
+    plate = pyro.plate("data", 4)
+    with poutine.trace() as outer:
+        with plate:
+            pyro.sample("a", dist.Normal(0.0, 1.0))
+        with plate:
+            pyro.sample("b", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", 4):
+            pyro.sample("c", dist.Normal(0.0, 1.0))
+    for name in "abc":
+        assert outer.trace.nodes[name]["value"].shape == (4,)
+        assert [f.name for f in outer.trace.nodes[name]["cond_indep_stack"]] == ["data"]
+
+
+def test_messenger_hook_order_and_stop():
+    """Pyro's apply_stack: process innermost first (until ``stop``), then postprocess from
+    the outermost visited handler inwards."""
+    from distsvi.poutine.runtime import Messenger
+
+    log = []
+
+    class Tag(Messenger):
+        def __init__(self, tag, stop=False):
+            super().__init__()
+            self.tag, self.stop = tag, stop
+
+        def process_message(self, msg):
+            log.append(("process", self.tag))
+            if self.stop:
+                msg["stop"] = True
+
+        def postprocess_message(self, msg):
+            log.append(("post", self.tag))
+
+    with Tag("outer"), Tag("middle", stop=True), Tag("inner"):
+        pyro.sample("x", dist.Normal(0.0, 1.0))
+    assert log == [
+        ("process", "inner"),
+        ("process", "middle"),
+        ("post", "middle"),
+        ("post", "inner"),
+    ]
