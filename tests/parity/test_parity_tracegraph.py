@@ -1,5 +1,6 @@
 """TraceGraph_ELBO parity with Pyro 1.9.2: a Bernoulli latent per datapoint inside a
-subsampled plate, with and without baselines, one particle and 8 vectorized particles.
+subsampled plate (plus K global group means), with and without baselines, one particle
+and 8 vectorized particles.
 
 Draws are made equal by the guide's fixed-value Bernoulli (see ``parity_harness``); each
 case calls ``loss_and_grads`` three times in a row with different draws, so the
@@ -20,20 +21,23 @@ _g = torch.Generator().manual_seed(77)
 N = 30
 X = 2.0 * (torch.arange(N) % 3 == 0).to(D) + torch.randn(N, generator=_g, dtype=D)
 IDX = torch.tensor([4, 29, 0, 13, 7, 21, 2, 18, 9])
-EPS = torch.randn(3, generator=_g, dtype=D)
+K = 5
+EPS = torch.randn(3, K, generator=_g, dtype=D)
 
 
 def model(B, x, idx, zs, baseline):
-    mu = B.pyro.sample("mu", B.dist.Normal(0.0, 3.0))
+    with B.pyro.plate("groups", K):
+        mu = B.pyro.sample("mu", B.dist.Normal(0.0, 3.0))
     with B.pyro.plate("data", len(x), subsample=idx) as ind:
         z = B.pyro.sample("z", B.dist.Bernoulli(0.3))
-        B.pyro.sample("x", B.dist.Normal(mu + 2.0 * z, 1.0), obs=x[ind])
+        B.pyro.sample("x", B.dist.Normal(mu[..., ind % K] + 2.0 * z, 1.0), obs=x[ind])
 
 
 def guide(B, x, idx, zs, baseline):
-    loc = B.pyro.param("loc", torch.tensor(0.1))
-    scale = B.pyro.param("scale", torch.tensor(0.5), constraint=B.constraints.positive)
-    B.pyro.sample("mu", fixed_normal(B, loc, scale, zs["eps"]))
+    loc = B.pyro.param("loc", torch.full((K,), 0.1))
+    scale = B.pyro.param("scale", torch.full((K,), 0.5), constraint=B.constraints.positive)
+    with B.pyro.plate("groups", K):
+        B.pyro.sample("mu", fixed_normal(B, loc, scale, zs["eps"]))
     probs = B.pyro.param(
         "probs", torch.linspace(0.2, 0.8, len(x)), constraint=B.constraints.unit_interval
     )
