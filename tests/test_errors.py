@@ -188,3 +188,25 @@ def test_guide_site_missing_from_model_warns():
 
     with pytest.warns(UserWarning, match="stray_guide_site"):
         _svi_step(model, guide)
+
+
+def test_plates_deeper_than_max_plate_nesting():
+    def model():
+        with pyro.plate("a", 3, dim=-2), pyro.plate("b", 4, dim=-1):
+            pyro.sample("deep_obs", dist.Normal(0.0, 1.0), obs=torch.zeros(3, 4))
+
+    with pytest.raises(ValueError, match="deep_obs"):
+        Trace_ELBO(max_plate_nesting=1).loss(model, _empty_guide)
+
+
+def test_batched_latent_outside_any_plate():
+    """Pyro refuses a latent whose batch dims no plate declares (validation is on by default)."""
+
+    def model():
+        pyro.sample("unplated", dist.Normal(torch.zeros(3), 1.0))
+
+    def guide():
+        pyro.sample("unplated", dist.Normal(torch.zeros(3), 1.0))
+
+    with pytest.raises(ValueError, match="unplated"):
+        Trace_ELBO(max_plate_nesting=1).loss(model, guide)
