@@ -269,3 +269,32 @@ def test_scheduler_with_late_param(name):
             scheduler.step()
         results.append((losses, {n: p.detach().clone() for n, p in unconstrained(B).items()}))
     _check(results, f"{name} with a param appearing at step 4")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda B: B.optim.Adam({"lr": 0.1}),
+        lambda B: B.optim.ClippedAdam({"lr": 0.1, "lrd": 0.8, "clip_norm": 1.0}),
+    ],
+    ids=["Adam", "ClippedAdam"],
+)
+def test_optimizer_reused_after_clear_param_store(make):
+    """New param tensors of the same names get fresh optimizer state, as in Pyro."""
+    results = []
+    for B in both():
+        B.pyro.clear_param_store()
+        optim = make(B)
+        losses = []
+        for _ in range(2):
+            svi = B.infer.SVI(
+                functools.partial(model, B),
+                functools.partial(guide_fwd, B),
+                optim,
+                B.infer.Trace_ELBO(),
+            )
+            losses += [svi.step(DATA) for _ in range(3)]
+            B.pyro.clear_param_store()
+            losses += [svi.step(DATA) for _ in range(2)]
+        results.append((losses, {n: p.detach().clone() for n, p in unconstrained(B).items()}))
+    _check(results, "optimizer reused across clear_param_store")
