@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from pathlib import Path
 
 from distsvi.train.config import ConfigError, TrainConfig, load_config, to_yaml
 
@@ -38,16 +39,29 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("config", metavar="CONFIG", help="a YAML file, or a shipped config name (quickstart)")
-        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=0.003")
+        p.add_argument(
+            "config", metavar="CONFIG", help="a YAML file, or a shipped config name (quickstart)"
+        )
+        p.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="KEY=VALUE",
+            help="dotted overrides, e.g. optim.lr=0.003",
+        )
         return p
 
     add("train", "run the job (one process, or one rank under torchrun)")
     p = add("eval", "the full validation loss (negative ELBO) of a checkpoint")
-    p.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint file to evaluate")
+    p.add_argument(
+        "--checkpoint", required=True, metavar="PATH", help="checkpoint file to evaluate"
+    )
     p = add("predict", "posterior predictive samples on the validation rows, saved with torch.save")
-    p.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint file to sample from")
-    p.add_argument("--num-samples", type=int, default=None, metavar="N", help="default: predict.num_samples")
+    p.add_argument(
+        "--checkpoint", required=True, metavar="PATH", help="checkpoint file to sample from"
+    )
+    p.add_argument(
+        "--num-samples", type=int, default=None, metavar="N", help="default: predict.num_samples"
+    )
     p.add_argument("--out", required=True, metavar="FILE", help="where to write the samples")
     add("config", "print the fully resolved config")
     return parser
@@ -55,14 +69,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     cfg = load_config(args.config, args.overrides)
-    if args.command in ("eval", "predict"):
-        from pathlib import Path
-
-        if not Path(args.checkpoint).is_file():
-            raise ConfigError("--checkpoint", f"no file {args.checkpoint!r}")
-    if args.command == "predict":
-        if args.num_samples is not None and args.num_samples <= 0:
-            raise ConfigError("--num-samples", f"must be > 0, got {args.num_samples}")
+    if args.command in ("eval", "predict") and not Path(args.checkpoint).is_file():
+        raise ConfigError("--checkpoint", f"no file {args.checkpoint!r}")
+    if args.command == "predict" and args.num_samples is not None and args.num_samples <= 0:
+        raise ConfigError("--num-samples", f"must be > 0, got {args.num_samples}")
     return cfg
 
 
@@ -87,9 +97,15 @@ def run(args: argparse.Namespace, cfg: TrainConfig) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``distsvi``; returns the exit code (2 for a config that cannot run)."""
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    # Overrides may also follow the options (eval CONFIG --checkpoint PATH KEY=VALUE).
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *extra]
     try:
         cfg = config_from_args(args)
         return run(args, cfg)

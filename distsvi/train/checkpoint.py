@@ -22,13 +22,24 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 FORMAT = 1
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
-REQUIRED = ("format", "step", "epoch", "data_position", "seed", "rng", "params", "optim", "config", "world_size")
+REQUIRED = (
+    "format",
+    "step",
+    "epoch",
+    "data_position",
+    "seed",
+    "rng",
+    "params",
+    "optim",
+    "config",
+    "world_size",
+)
 
 
 class CheckpointWarning(UserWarning):
@@ -75,13 +86,15 @@ def load(path: str | Path) -> dict[str, Any]:
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - a damaged file can fail in many ways; all mean "skip it"
         raise ValueError(f"checkpoint {path} does not load: {type(e).__name__}: {e}") from None
     missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
     if missing:
         raise ValueError(f"checkpoint {path} lacks {', '.join(missing)}")
     if state["format"] != FORMAT:
-        raise ValueError(f"checkpoint {path} has format {state['format']}, this version reads {FORMAT}")
+        raise ValueError(
+            f"checkpoint {path} has format {state['format']}, this version reads {FORMAT}"
+        )
     return state
 
 
@@ -110,7 +123,7 @@ class Checkpointer:
         found = [p for p in self.dir.iterdir() if _NAME.match(p.name)]
         return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)), reverse=True)
 
-    def save(self, state: dict[str, Any]) -> Optional[Path]:
+    def save(self, state: dict[str, Any]) -> Path | None:
         """Write ``state`` atomically, then drop files beyond the newest ``keep``."""
         if not self.is_writer:
             return None
@@ -121,11 +134,13 @@ class Checkpointer:
             old.unlink(missing_ok=True)
         return path
 
-    def latest(self) -> Optional[tuple[dict[str, Any], Path]]:
+    def latest(self) -> tuple[dict[str, Any], Path] | None:
         """The newest checkpoint that loads; each one that does not is skipped with a warning."""
         for path in self.files():
             try:
                 return load(path), path
             except ValueError as e:
-                warnings.warn(f"skipping bad checkpoint {path}: {e}", CheckpointWarning, stacklevel=2)
+                warnings.warn(
+                    f"skipping bad checkpoint {path}: {e}", CheckpointWarning, stacklevel=2
+                )
         return None

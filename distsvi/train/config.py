@@ -15,9 +15,10 @@ import importlib
 import importlib.util
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
@@ -78,7 +79,7 @@ class LossConfig:
     """Monte-Carlo samples per loss estimate."""
     vectorize_particles: bool = False
     """Draw the particles in one vectorized pass."""
-    max_plate_nesting: Optional[int] = None
+    max_plate_nesting: int | None = None
     """Bound on nested plates (null: found by a trial run)."""
 
 
@@ -92,7 +93,7 @@ class OptimConfig:
     """Other optimizer arguments, e.g. ``betas`` or ``weight_decay``."""
     per_param: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Overrides by param-name prefix, e.g. ``{"AutoNormal.scales": {lr: 0.001}}``."""
-    clip_norm: Optional[float] = None
+    clip_norm: float | None = None
     """Clip the global gradient norm (after the cross-rank average) to this value."""
 
 
@@ -125,6 +126,9 @@ class RunConfig:
     """auto (bar on a terminal, log lines otherwise), bar, log or none."""
     device: str = "auto"
     """auto (the local GPU when there is one), cpu or cuda."""
+    threads: int = 0
+    """CPU threads per process for torch (0: torch's default, which follows
+    ``OMP_NUM_THREADS``); small models run fastest on 1."""
 
 
 @dataclass
@@ -202,11 +206,13 @@ def resolve_config_path(spec: str | Path) -> Path:
     if path.parent == Path(".") and embedded.is_file():
         return embedded
     shipped = ", ".join(sorted(p.stem for p in EMBEDDED_CONFIGS.glob("*.yaml")))
-    raise ConfigError("CONFIG", f"no file {str(spec)!r} (configs shipped in the package: {shipped})")
+    raise ConfigError(
+        "CONFIG", f"no file {str(spec)!r} (configs shipped in the package: {shipped})"
+    )
 
 
 def load_config(
-    spec: str | Path, overrides: Sequence[str] = (), world_size: Optional[int] = None
+    spec: str | Path, overrides: Sequence[str] = (), world_size: int | None = None
 ) -> TrainConfig:
     """Read, merge, type-check and range-check a job config.
 
@@ -225,9 +231,11 @@ def load_config(
     text = path.read_text()
     try:
         raw = yaml.safe_load(text)
-    except yaml.constructor.ConstructorError as e:
+    except yaml.constructor.ConstructorError:
         key, tag = _unsafe_tag(text)
-        raise ConfigError(key, f"the YAML tag {tag!r} is refused: configs hold plain values only") from None
+        raise ConfigError(
+            key, f"the YAML tag {tag!r} is refused: configs hold plain values only"
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -235,12 +243,16 @@ def load_config(
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError("<top>", f"{path} must hold a mapping of sections, not {type(raw).__name__}")
+        raise ConfigError(
+            "<top>", f"{path} must hold a mapping of sections, not {type(raw).__name__}"
+        )
     _check_sections(raw, TrainConfig, "")
     dotlist = [_check_override(o) for o in overrides]
     try:
         merged = OmegaConf.merge(
-            OmegaConf.structured(TrainConfig), OmegaConf.create(raw), OmegaConf.from_dotlist(dotlist)
+            OmegaConf.structured(TrainConfig),
+            OmegaConf.create(raw),
+            OmegaConf.from_dotlist(dotlist),
         )
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
@@ -259,7 +271,9 @@ def to_yaml(cfg: TrainConfig) -> str:
 
 def from_yaml(text: str) -> TrainConfig:
     """The inverse of :func:`to_yaml` (for configs read back from a checkpoint)."""
-    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(yaml.safe_load(text)))
+    merged = OmegaConf.merge(
+        OmegaConf.structured(TrainConfig), OmegaConf.create(yaml.safe_load(text))
+    )
     return OmegaConf.to_object(merged)
 
 
@@ -267,7 +281,7 @@ def _unsafe_tag(text: str) -> tuple[str, str]:
     """The dotted key and tag of the first node that ``yaml.safe_load`` cannot build."""
     known = yaml.SafeLoader.yaml_constructors
 
-    def walk(node: yaml.Node, key: str) -> Optional[tuple[str, str]]:
+    def walk(node: yaml.Node, key: str) -> tuple[str, str] | None:
         if node.tag not in known:
             return key or "<top>", node.tag
         if isinstance(node, yaml.MappingNode):
@@ -351,8 +365,10 @@ def import_target(spec: str, key: str, base_dir: Path = Path(".")) -> tuple[str,
             mod = importlib.import_module(module)
     except ConfigError:
         raise
-    except Exception as e:  # the user's module failed to import: report it under the key
-        raise ConfigError(key, f"{module!r} does not import: {type(e).__name__}: {_first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - whatever the user's module raises, report it under the key
+        raise ConfigError(
+            key, f"{module!r} does not import: {type(e).__name__}: {_first_line(e)}"
+        ) from None
     _require(hasattr(mod, attr), key, f"{module!r} has no attribute {attr!r}")
     return spec, getattr(mod, attr)
 
@@ -376,10 +392,15 @@ def check_ranges(cfg: TrainConfig, base_dir: Path = Path("."), world_size: int =
     _require(r.steps > 0 or r.epochs > 0, "run.steps", "set run.steps > 0 or run.epochs > 0")
     _require(c.every >= 0, "checkpoint.every", f"must be >= 0 (0: only at the end), got {c.every}")
     _require(r.seed >= 0, "run.seed", f"must be >= 0, got {r.seed}")
+    _require(r.threads >= 0, "run.threads", f"must be >= 0 (0: torch's default), got {r.threads}")
     _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _require(o.clip_norm is None or o.clip_norm > 0, "optim.clip_norm", "must be > 0 or null")
-    _require(o.name in OPTIMIZERS, "optim.name", f"{o.name!r} is not one of {', '.join(OPTIMIZERS)}")
-    _require(cfg.loss.name in LOSSES, "loss.name", f"{cfg.loss.name!r} is not one of {', '.join(LOSSES)}")
+    _require(
+        o.name in OPTIMIZERS, "optim.name", f"{o.name!r} is not one of {', '.join(OPTIMIZERS)}"
+    )
+    _require(
+        cfg.loss.name in LOSSES, "loss.name", f"{cfg.loss.name!r} is not one of {', '.join(LOSSES)}"
+    )
     _require(
         cfg.schedule.name in SCHEDULES,
         "schedule.name",
@@ -401,7 +422,9 @@ def check_ranges(cfg: TrainConfig, base_dir: Path = Path("."), world_size: int =
         f"must be auto, bar, log or none, got {r.progress!r}",
     )
     _require(
-        r.device in ("auto", "cpu", "cuda"), "run.device", f"must be auto, cpu or cuda, got {r.device!r}"
+        r.device in ("auto", "cpu", "cuda"),
+        "run.device",
+        f"must be auto, cpu or cuda, got {r.device!r}",
     )
     _require(
         cfg.dist.backend in ("auto", "gloo", "nccl"),
@@ -435,11 +458,13 @@ def check_ranges(cfg: TrainConfig, base_dir: Path = Path("."), world_size: int =
         _require(isinstance(options, dict), f"optim.per_param.{prefix}", "must be a mapping")
         lr = options.get("lr", o.lr)
         _require(
-            isinstance(lr, (int, float)) and lr > 0, f"optim.per_param.{prefix}.lr", f"must be > 0, got {lr}"
+            isinstance(lr, (int, float)) and lr > 0,
+            f"optim.per_param.{prefix}.lr",
+            f"must be > 0, got {lr}",
         )
 
 
-def builtin_num_rows(name: str, options: dict[str, Any]) -> Optional[int]:
+def builtin_num_rows(name: str, options: dict[str, Any]) -> int | None:
     """Rows of a built-in dataset, known without loading it (None for user loaders)."""
     fixed = {"breast_cancer": 569, "digits": 1797}
     if name in fixed:
@@ -452,7 +477,7 @@ def builtin_num_rows(name: str, options: dict[str, Any]) -> Optional[int]:
 
 def check_batch(cfg: TrainConfig, num_rows: int, world_size: int) -> None:
     """The batch must fit in each rank's share of the training rows."""
-    train_rows = num_rows - int(round(num_rows * cfg.data.val_fraction))
+    train_rows = num_rows - round(num_rows * cfg.data.val_fraction)
     per_rank = train_rows // world_size
     _require(
         cfg.run.batch_size <= per_rank,
@@ -461,4 +486,3 @@ def check_batch(cfg: TrainConfig, num_rows: int, world_size: int) -> None:
         f"{cfg.data.name} after data.val_fraction={cfg.data.val_fraction}, {world_size} rank(s)); "
         f"got {cfg.run.batch_size}",
     )
-

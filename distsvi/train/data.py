@@ -38,7 +38,9 @@ def digits() -> tuple[Tensor, Tensor]:
     return x, x
 
 
-def synthetic_hierarchical(num_points: int = 100_000, num_groups: int = 100, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+def synthetic_hierarchical(
+    num_points: int = 100_000, num_groups: int = 100, seed: int = 0
+) -> tuple[Tensor, Tensor, Tensor]:
     """``y = alpha[g] + 0.5 x + 0.3 eps`` with ``alpha ~ Normal(1, 0.5)``: (x, group, y)."""
     gen = torch.Generator().manual_seed(seed)
     alpha = 1.0 + 0.5 * torch.randn(num_groups, generator=gen)
@@ -48,7 +50,9 @@ def synthetic_hierarchical(num_points: int = 100_000, num_groups: int = 100, see
     return x, group, y
 
 
-def synthetic_gmm(num_points: int = 3000, num_components: int = 3, dim: int = 2, seed: int = 0) -> tuple[Tensor, Tensor]:
+def synthetic_gmm(
+    num_points: int = 3000, num_components: int = 3, dim: int = 2, seed: int = 0
+) -> tuple[Tensor, Tensor]:
     """Points from ``num_components`` unit Gaussians with centres spread on a circle of radius 4."""
     gen = torch.Generator().manual_seed(seed)
     angle = torch.arange(num_components) * (2 * torch.pi / num_components)
@@ -94,11 +98,13 @@ def load_data(cfg: DataConfig, base_dir: Path = Path(".")) -> Split:
     try:
         tensors = tuple(loader(**cfg.options))
     except TypeError as e:
-        raise ConfigError("data.options", f"{cfg.name} does not accept these options: {e}") from None
+        raise ConfigError(
+            "data.options", f"{cfg.name} does not accept these options: {e}"
+        ) from None
     _check_tensors(cfg.name, tensors)
     n = tensors[0].shape[0]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.split_seed))
-    num_val = int(round(n * cfg.val_fraction))
+    num_val = round(n * cfg.val_fraction)
     val_rows, train_rows = perm[:num_val].sort().values, perm[num_val:].sort().values
     return Split(
         train=tuple(t[train_rows] for t in tensors),
@@ -109,7 +115,11 @@ def load_data(cfg: DataConfig, base_dir: Path = Path(".")) -> Split:
 
 def _check_tensors(name: str, tensors: tuple[Any, ...]) -> None:
     if not tensors or not all(isinstance(t, Tensor) and t.dim() >= 1 for t in tensors):
-        raise ConfigError("data.name", f"{name} must return a tuple of tensors with a row dimension")
+        raise ConfigError(
+            "data.name", f"{name} must return a tuple of tensors with a row dimension"
+        )
     sizes = {t.shape[0] for t in tensors}
     if len(sizes) != 1:
-        raise ConfigError("data.name", f"{name} returned tensors with different row counts {sorted(sizes)}")
+        raise ConfigError(
+            "data.name", f"{name} returned tensors with different row counts {sorted(sizes)}"
+        )

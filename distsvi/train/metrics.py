@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Optional
 
 TAGS = (
     "loss/train",
@@ -73,7 +72,7 @@ class Progress:
         elif mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "log"
         self.mode, self.total = mode, total
-        self.bar: Optional[object] = None
+        self.bar: object | None = None
         if mode == "bar":
             from tqdm import tqdm
 
@@ -122,6 +121,9 @@ class Timer:
     def read(self, samples_per_step: int) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         steps = max(self.steps, 1)
-        out = {"perf/step_ms": 1000 * elapsed / steps, "perf/samples_per_s": samples_per_step * steps / elapsed}
+        out = {
+            "perf/step_ms": 1000 * elapsed / steps,
+            "perf/samples_per_s": samples_per_step * steps / elapsed,
+        }
         self.start, self.steps = time.perf_counter(), 0
         return out

@@ -18,8 +18,6 @@ samples on the validation rows into the figures printed at the end of a run.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
@@ -28,7 +26,7 @@ import distsvi.distributions as dist
 from distsvi.distributions import constraints
 
 
-def rows(idx: Tensor, subsample: Optional[Tensor], *tensors: Optional[Tensor]) -> tuple:
+def rows(idx: Tensor, subsample: Tensor | None, *tensors: Tensor | None) -> tuple:
     """This step's rows: the plate's indices into full tensors, or the minibatch as given."""
     if subsample is not None:
         return tensors
@@ -52,7 +50,11 @@ class LogisticRegression:
     def report(self, samples: dict[str, Tensor], x: Tensor, y: Tensor) -> dict[str, float]:
         # The posterior predictive mean is P(y=1 | x, data); predict its more likely class.
         p = samples["obs"].float().mean(0)
-        return {"held-out accuracy of the posterior predictive mean": float(((p > 0.5) == (y > 0.5)).float().mean())}
+        return {
+            "held-out accuracy of the posterior predictive mean": float(
+                ((p > 0.5) == (y > 0.5)).float().mean()
+            )
+        }
 
 
 class Hierarchical:
@@ -74,7 +76,9 @@ class Hierarchical:
             mean = alpha.index_select(-1, group) + beta * x
             return distsvi.sample("obs", dist.Normal(mean, sigma), obs=y)
 
-    def report(self, samples: dict[str, Tensor], x: Tensor, group: Tensor, y: Tensor) -> dict[str, float]:
+    def report(
+        self, samples: dict[str, Tensor], x: Tensor, group: Tensor, y: Tensor
+    ) -> dict[str, float]:
         rmse = (samples["obs"].mean(0) - y).pow(2).mean().sqrt()
         return {"held-out RMSE of the posterior predictive mean": float(rmse)}
 
@@ -86,8 +90,12 @@ class VAE(nn.Module):
     def __init__(self, input_dim: int = 64, z_dim: int = 8, hidden_dim: int = 128) -> None:
         super().__init__()
         self.z_dim = z_dim
-        self.encoder = nn.Sequential(nn.Linear(input_dim, hidden_dim), nn.Softplus(), nn.Linear(hidden_dim, 2 * z_dim))
-        self.decoder = nn.Sequential(nn.Linear(z_dim, hidden_dim), nn.Softplus(), nn.Linear(hidden_dim, input_dim))
+        self.encoder = nn.Sequential(
+            nn.Linear(input_dim, hidden_dim), nn.Softplus(), nn.Linear(hidden_dim, 2 * z_dim)
+        )
+        self.decoder = nn.Sequential(
+            nn.Linear(z_dim, hidden_dim), nn.Softplus(), nn.Linear(hidden_dim, input_dim)
+        )
 
     def model(self, x, obs=None, *, size, subsample_size=None, subsample=None):
         distsvi.module("decoder", self.decoder)
@@ -96,7 +104,9 @@ class VAE(nn.Module):
             prior = dist.Normal(x.new_zeros(x.shape[0], self.z_dim), 1.0).to_event(1)
             z = distsvi.sample("z", prior)
             (obs,) = rows(idx, subsample, obs)
-            return distsvi.sample("obs", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=obs)
+            return distsvi.sample(
+                "obs", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=obs
+            )
 
     def guide(self, x, obs=None, *, size, subsample_size=None, subsample=None):
         distsvi.module("encoder", self.encoder)
@@ -118,25 +128,43 @@ class GaussianMixture:
     plate's Rao-Blackwellisation). Use ``guide.name: model``.
     """
 
-    def __init__(self, num_components: int = 3, dim: int = 2, prior_scale: float = 5.0, noise_scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        num_components: int = 3,
+        dim: int = 2,
+        prior_scale: float = 5.0,
+        noise_scale: float = 1.0,
+    ) -> None:
         self.k, self.dim = num_components, dim
         self.prior_scale, self.noise_scale = prior_scale, noise_scale
 
     def model(self, x, obs=None, *, size, subsample_size=None, subsample=None):
         weights = distsvi.sample("weights", dist.Dirichlet(x.new_ones(self.k)))
         with distsvi.plate("components", self.k):
-            locs = distsvi.sample("locs", dist.Normal(x.new_zeros(self.dim), self.prior_scale).to_event(1))
+            locs = distsvi.sample(
+                "locs", dist.Normal(x.new_zeros(self.dim), self.prior_scale).to_event(1)
+            )
         with distsvi.plate("data", size, subsample_size=subsample_size, subsample=subsample) as idx:
             (obs,) = rows(idx, subsample, obs)
             n = idx.shape[0]
             z = distsvi.sample("z", dist.Categorical(weights.expand(n, self.k)))
-            return distsvi.sample("obs", dist.Normal(locs[z], self.noise_scale).to_event(1), obs=obs)
+            return distsvi.sample(
+                "obs", dist.Normal(locs[z], self.noise_scale).to_event(1), obs=obs
+            )
 
     def guide(self, x, obs=None, *, size, subsample_size=None, subsample=None):
-        init = torch.randn(self.k, self.dim, generator=torch.Generator().manual_seed(0)) * self.prior_scale / 2
-        conc = distsvi.param("gmm.concentration", x.new_ones(self.k) * 10, constraint=constraints.positive)
+        init = (
+            torch.randn(self.k, self.dim, generator=torch.Generator().manual_seed(0))
+            * self.prior_scale
+            / 2
+        )
+        conc = distsvi.param(
+            "gmm.concentration", x.new_ones(self.k) * 10, constraint=constraints.positive
+        )
         loc = distsvi.param("gmm.locs_loc", init.to(x))
-        scale = distsvi.param("gmm.locs_scale", x.new_full((self.k, self.dim), 0.1), constraint=constraints.positive)
+        scale = distsvi.param(
+            "gmm.locs_scale", x.new_full((self.k, self.dim), 0.1), constraint=constraints.positive
+        )
         weights = distsvi.sample("weights", dist.Dirichlet(conc))
         with distsvi.plate("components", self.k):
             locs = distsvi.sample("locs", dist.Normal(loc, scale).to_event(1))

@@ -39,13 +39,18 @@ CASES = [
     ("override-no-equals", None, ["run.steps"], "run.steps"),
     ("missing-model-file", None, ["model.name=no_such_file.py:model"], "model.name"),
     ("model-does-not-import", None, ["model.name={broken}:model"], "model.name"),
-    ("python-object-tag", "guide:\n  name: !!python/object/apply:os.system ['echo hi']\n", [], "guide.name"),
+    (
+        "python-object-tag",
+        "guide:\n  name: !!python/object/apply:os.system ['echo hi']\n",
+        [],
+        "guide.name",
+    ),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_malformed_config_is_refused(case, tmp_path, capsys):
-    name, extra, overrides, key = case
+    _, extra, overrides, key = case
     broken = tmp_path / "broken.py"
     broken.write_text("def model(:\n")
     config = tmp_path / "job.yaml"
@@ -58,7 +63,13 @@ def test_malformed_config_is_refused(case, tmp_path, capsys):
     config.write_text(text)
     overrides = [o.format(broken=broken) for o in overrides]
     out = tmp_path / "out"
-    argv = ["train", str(config), f"checkpoint.dir={out / 'ck'}", f"log.dir={out / 'tb'}", *overrides]
+    argv = [
+        "train",
+        str(config),
+        f"checkpoint.dir={out / 'ck'}",
+        f"log.dir={out / 'tb'}",
+        *overrides,
+    ]
     start = time.perf_counter()
     rc = cli.main(argv)
     elapsed = time.perf_counter() - start
@@ -85,7 +96,9 @@ def _drop_section(text: str, section: str) -> str:
 
 def test_refused_in_a_fresh_process(tmp_path):
     start = time.perf_counter()
-    proc = run_cli(["train", "quickstart", "run.stepz=1", f"checkpoint.dir={tmp_path / 'ck'}"], timeout=60)
+    proc = run_cli(
+        ["train", "quickstart", "run.stepz=1", f"checkpoint.dir={tmp_path / 'ck'}"], timeout=60
+    )
     elapsed = time.perf_counter() - start
     assert proc.returncode == 2, proc.stderr
     assert "run.stepz" in proc.stderr and "Did you mean" in proc.stderr

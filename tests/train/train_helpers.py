@@ -31,7 +31,12 @@ def env() -> dict[str, str]:
 def run_cli(args: list[str], timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "distsvi.cli", *args],
-        cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=env(),
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -41,7 +46,13 @@ def launch_argv(args: list[str]) -> list[str]:
 
 def run_launch(args: list[str], timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run(
-        launch_argv(args), cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout
+        launch_argv(args),
+        cwd=REPO,
+        env=env(),
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -75,5 +86,5 @@ def final_params(ckdir: Path) -> dict[str, torch.Tensor]:
 
 def assert_params_close(a: dict, b: dict, atol: float = 1e-6) -> None:
     assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=f"param {k} differs")
+    for k, value in a.items():
+        torch.testing.assert_close(value, b[k], atol=atol, rtol=0, msg=f"param {k} differs")

@@ -1,0 +1,185 @@
+"""The training job in one process: TensorBoard events, resume, checkpoints that are
+never half-written, predict, and the shipped models."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+import torch
+from train_helpers import CONFIGS, assert_params_close, dirs, final_params, run_cli, scalars
+
+from distsvi import cli
+from distsvi.train import checkpoint
+from distsvi.train.metrics import TAGS
+
+
+def train(*args: str) -> None:
+    assert cli.main(["train", *args]) == 0
+
+
+def test_quickstart_readme_command(tmp_path):
+    """Must show 1: the README's main command, to the end, in under 60 s on 2 cores."""
+    start = time.perf_counter()
+    proc = run_cli(["train", "configs/quickstart.yaml", *dirs(tmp_path)], timeout=120)
+    wall = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr
+    accuracy = float(
+        re.search(r"held-out accuracy of the posterior predictive mean: ([0-9.]+)", proc.stdout)[1]
+    )
+    assert accuracy >= 0.93
+    assert wall < 60
+    found = scalars(tmp_path / "tb")
+    assert set(TAGS) <= set(found)
+    val = found["loss/val"]
+    assert val[max(val)] < val[min(val)]
+    assert (tmp_path / "ck" / "config.yaml").is_file()
+
+
+def test_resume_repeats_the_uninterrupted_run(tmp_path):
+    """Must show 3, one process: 200 steps == 100 steps, then resume to 200 (AutoNormal)."""
+    common = ["run.log_every=1", "run.val_every=40", "checkpoint.every=50", "run.progress=none"]
+    train(str(CONFIGS / "quickstart.yaml"), "run.steps=200", *common, *dirs(tmp_path / "a"))
+    train(str(CONFIGS / "quickstart.yaml"), "run.steps=100", *common, *dirs(tmp_path / "b"))
+    train(str(CONFIGS / "quickstart.yaml"), "run.steps=200", *common, *dirs(tmp_path / "b"))
+    assert_params_close(final_params(tmp_path / "a" / "ck"), final_params(tmp_path / "b" / "ck"))
+    a, b = (
+        scalars(tmp_path / "a" / "tb")["loss/train"],
+        scalars(tmp_path / "b" / "tb")["loss/train"],
+    )
+    assert [a[s] for s in range(101, 201)] == [b[s] for s in range(101, 201)]
+
+
+def test_checkpoint_content_loads_with_weights_only(tmp_path):
+    train(str(CONFIGS / "debug.yaml"), *dirs(tmp_path))
+    files = sorted((tmp_path / "ck").glob("step_*.pt"))
+    assert [f.name for f in files] == ["step_00000015.pt", "step_00000020.pt"]  # keep: 2
+    state = torch.load(files[-1], weights_only=True)
+    assert state["step"] == 20 and state["world_size"] == 1 and state["seed"] == 0
+    assert state["rng"]["torch"].dtype == torch.uint8 and state["rng"]["torch"].shape[0] == 1
+    assert set(state["optim"]) == set(state["params"])  # optimizer state keyed by param name
+    assert "name: debug" in state["config"]
+
+
+def test_truncated_newest_checkpoint_is_skipped_with_a_warning(tmp_path):
+    """Must show 5: the newest file is cut short; the next start resumes from the one before."""
+    base = [
+        str(CONFIGS / "debug.yaml"),
+        "checkpoint.keep=3",
+        "checkpoint.resume=auto",
+        *dirs(tmp_path),
+    ]
+    train(*base, "run.steps=15")
+    newest = tmp_path / "ck" / "step_00000015.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    with pytest.warns(checkpoint.CheckpointWarning, match=re.escape(str(newest))):
+        found = checkpoint.Checkpointer(tmp_path / "ck", 5, 3, True).latest()
+    assert found[1].name == "step_00000010.pt"
+    with pytest.warns(checkpoint.CheckpointWarning, match="step_00000015.pt"):
+        train(*base, "run.steps=20")
+    assert torch.load(tmp_path / "ck" / "step_00000015.pt", weights_only=True)["step"] == 15
+
+
+def test_writer_killed_between_write_and_rename(tmp_path, monkeypatch):
+    """Must show 5: a crash before the rename leaves the previous checkpoint the newest."""
+    base = [str(CONFIGS / "debug.yaml"), "checkpoint.resume=auto", *dirs(tmp_path)]
+    train(*base, "run.steps=10")
+
+    real_replace = checkpoint.os.replace
+
+    def killed(src, dst):
+        if str(dst).endswith(".pt"):
+            raise KeyboardInterrupt("killed between write and rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(*base, "run.steps=15")
+    monkeypatch.undo()
+    ck = tmp_path / "ck"
+    assert not (ck / "step_00000015.pt").exists()
+    assert (ck / ".step_00000015.pt.tmp").exists()  # the half-done write, never read
+    found = checkpoint.Checkpointer(ck, 5, 2, True).latest()
+    assert found[0]["step"] == 10
+
+
+def test_unloadable_only_checkpoint_starts_fresh_with_warning(tmp_path):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "step_00000005.pt").write_bytes(b"not a checkpoint")
+    with pytest.warns(checkpoint.CheckpointWarning, match="step_00000005.pt"):
+        train(str(CONFIGS / "debug.yaml"), "run.steps=5", "checkpoint.resume=auto", *dirs(tmp_path))
+    assert torch.load(ck / "step_00000005.pt", weights_only=True)["step"] == 5
+
+
+def test_predict_vae_shapes(tmp_path, capsys):
+    """Must show 6: samples of the shapes the README documents."""
+    config = str(CONFIGS / "vae_digits.yaml")
+    train(config, "run.steps=20", "run.progress=none", *dirs(tmp_path))
+    ck = max((tmp_path / "ck").glob("step_*.pt"))
+    out = tmp_path / "samples.pt"
+    assert (
+        cli.main(
+            [
+                "predict",
+                config,
+                "--checkpoint",
+                str(ck),
+                "--num-samples",
+                "4",
+                "--out",
+                str(out),
+                *dirs(tmp_path),
+            ]
+        )
+        == 0
+    )
+    saved = torch.load(out, weights_only=True)
+    assert saved["samples"]["z"].shape == (4, 359, 8)
+    assert saved["samples"]["obs"].shape == (4, 359, 64)
+    assert saved["rows"].shape == (359,)
+    assert "obs (4, 359, 64)" in capsys.readouterr().out
+
+
+def test_eval_matches_logged_validation_loss(tmp_path, capsys):
+    config = str(CONFIGS / "debug.yaml")
+    train(config, "guide.name=AutoDelta", *dirs(tmp_path))
+    capsys.readouterr()
+    ck = tmp_path / "ck" / "step_00000020.pt"
+    assert (
+        cli.main(["eval", config, "--checkpoint", str(ck), "guide.name=AutoDelta", *dirs(tmp_path)])
+        == 0
+    )
+    value = float(capsys.readouterr().out.split()[-1])
+    logged = scalars(tmp_path / "tb")["loss/val"][20]
+    assert value == pytest.approx(logged, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "config, overrides",
+    [
+        ("gmm.yaml", ["run.steps=30"]),
+        ("hier_synthetic.yaml", ["run.steps=5", "run.val_every=5", "predict.num_samples=2"]),
+        (
+            "quickstart.yaml",
+            ["run.steps=30", "data.loader=dataloader", "guide.name=AutoDiagonalNormal"],
+        ),
+        (
+            "quickstart.yaml",
+            [
+                "run.steps=30",
+                "schedule.name=exponential",
+                "schedule.options.gamma=0.99",
+                "optim.clip_norm=5.0",
+            ],
+        ),
+    ],
+    ids=["gmm-tracegraph", "hierarchical-1e6", "dataloader", "schedule-clip"],
+)
+def test_shipped_models_run(tmp_path, config, overrides):
+    train(
+        str(CONFIGS / config), "run.progress=none", "run.log_every=5", *overrides, *dirs(tmp_path)
+    )
+    found = scalars(tmp_path / "tb")
+    assert all(torch.isfinite(torch.tensor(list(found["loss/train"].values()))))

@@ -1,0 +1,236 @@
+"""The job under the launcher (torchrun, Gloo): 2 processes, resume, crash recovery,
+two nodes. One 2-process reference run is shared by the tests that compare with it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from train_helpers import (
+    CONFIGS,
+    LAUNCH,
+    REPO,
+    assert_params_close,
+    dirs,
+    env,
+    event_files,
+    final_params,
+    free_port,
+    launch_argv,
+    run_launch,
+    scalars,
+)
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not sys.platform.startswith("linux"), reason="finds worker processes in /proc"
+    ),
+]
+
+STEPS = 600
+# AutoDelta makes the validation loss deterministic, so eval can match it exactly.
+JOB = [
+    str(CONFIGS / "quickstart.yaml"),
+    "guide.name=AutoDelta",
+    f"run.steps={STEPS}",
+    "run.log_every=1",
+    "run.val_every=100",
+    "checkpoint.every=20",
+    "checkpoint.keep=3",
+    "run.progress=log",
+]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted 2-process run."""
+    root = tmp_path_factory.mktemp("reference")
+    proc = run_launch(["--nproc-per-node", "2", *JOB, *dirs(root)], timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root
+
+
+def test_two_processes_one_events_file_and_eval_matches(reference, capsys):
+    """Must show 2: exit 0, one events file (rank 0), loss/val == `distsvi eval` in one process."""
+    from distsvi import cli
+
+    files = event_files(reference / "tb")
+    assert len(files) == 1
+    logged = scalars(reference / "tb")["loss/val"][STEPS]
+    ck = reference / "ck" / f"step_{STEPS:08d}.pt"
+    assert cli.main(["eval", JOB[0], "--checkpoint", str(ck), *JOB[1:], *dirs(reference)]) == 0
+    value = float(capsys.readouterr().out.split()[-1])
+    assert value == pytest.approx(logged, rel=1e-5, abs=1e-5)
+
+
+def test_resume_on_two_ranks(reference, tmp_path):
+    """Must show 3, 2 ranks: stopped after 300 steps and started again == uninterrupted."""
+    half = STEPS // 2
+    first = run_launch(
+        ["--nproc-per-node", "2", *JOB, f"run.steps={half}", *dirs(tmp_path)], timeout=180
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_launch(["--nproc-per-node", "2", *JOB, *dirs(tmp_path)], timeout=180)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resuming from {tmp_path / 'ck'}" in second.stdout
+    assert_params_close(final_params(reference / "ck"), final_params(tmp_path / "ck"))
+    ref, res = scalars(reference / "tb")["loss/train"], scalars(tmp_path / "tb")["loss/train"]
+    assert [ref[s] for s in range(half + 1, STEPS + 1)] == [
+        res[s] for s in range(half + 1, STEPS + 1)
+    ]
+
+
+def _workers(agent_pid: int) -> list[int]:
+    """Worker processes started by the torchrun agent (the launcher execs into torchrun)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == agent_pid and b"distsvi.cli" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_crash_recovery_with_max_restarts(reference, tmp_path):
+    """Must show 7: SIGKILL one rank mid-run; torchrun restarts, the job resumes from its
+    newest checkpoint, exits 0 and ends with the uninterrupted run's params."""
+    log_path = tmp_path / "launch.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            launch_argv(["--nproc-per-node", "2", "--max-restarts", "1", *JOB, *dirs(tmp_path)]),
+            cwd=REPO,
+            env=env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            first = tmp_path / "ck" / "step_00000040.pt"
+            while not first.exists():
+                assert proc.poll() is None, "the job stopped before its first checkpoint"
+                assert time.monotonic() < deadline, "no checkpoint appeared"
+                time.sleep(0.02)
+            workers = _workers(proc.pid)
+            assert workers, "no worker processes found"
+            last = tmp_path / "ck" / f"step_{STEPS:08d}.pt"
+            assert not last.exists(), "the run ended before the kill"
+            os.kill(max(workers), signal.SIGKILL)
+            assert proc.wait(timeout=180) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    output = log_path.read_text()
+    assert "resuming from" in output, output[-3000:]
+    assert_params_close(final_params(reference / "ck"), final_params(tmp_path / "ck"))
+
+
+def test_two_nodes_on_one_machine(reference, tmp_path):
+    """Must show 8: two launchers as two nodes (c10d on 127.0.0.1) == one node, 2 processes."""
+    port = free_port()
+    node = [
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        f"test{port}",
+    ]
+    procs = [
+        subprocess.Popen(
+            launch_argv([*node, *JOB, *dirs(tmp_path)]),
+            cwd=REPO,
+            env=env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    assert len(event_files(tmp_path / "tb")) == 1
+    assert_params_close(final_params(reference / "ck"), final_params(tmp_path / "ck"))
+
+
+def test_launcher_builds_torchrun_commands(capsys):
+    def dry(*args: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, str(LAUNCH), "--dry-run", *args, "quickstart", "run.batch_size=8"],
+            env={**env(), "OMP_NUM_THREADS": "3"},
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    single = dry("--nproc-per-node", "2")
+    assert (
+        "--standalone" in single
+        and "--nproc-per-node=2" in single
+        and "-m distsvi.cli train quickstart run.batch_size=8" in single
+    )
+    multi = dry(
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "4",
+        "--rdzv-endpoint",
+        "host:29500",
+        "--max-restarts",
+        "3",
+    )
+    assert (
+        "--rdzv-backend=c10d" in multi
+        and "--rdzv-endpoint=host:29500" in multi
+        and "--max-restarts=3" in multi
+    )
+    assert "--standalone" not in multi
+
+
+def test_launcher_announces_threads_and_checks_config():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(LAUNCH),
+            "--dry-run",
+            "--nproc-per-node",
+            "2",
+            "quickstart",
+            "optim.lr=-1",
+        ],
+        env={k: v for k, v in env().items() if k != "OMP_NUM_THREADS"},
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "optim.lr" in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, str(LAUNCH), "--dry-run", "--nproc-per-node", "2", "quickstart"],
+        env={k: v for k, v in env().items() if k != "OMP_NUM_THREADS"},
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0 and "OMP_NUM_THREADS=" in proc.stderr
