@@ -440,6 +440,12 @@ CASES = {
     "local_bernoulli_score_function": Case(
         local_bernoulli_model, local_bernoulli_guide, (MIX_X, IDX)
     ),
+    "local_bernoulli_vectorized_particles": Case(
+        local_bernoulli_model,
+        local_bernoulli_guide,
+        (MIX_X, IDX),
+        loss_kwargs={"num_particles": 2, "vectorize_particles": True, "max_plate_nesting": 1},
+    ),
     "factor_and_deterministic": Case(factor_model, conjugate_guide, (Y_NORMAL,)),
     "delta_guide_map": Case(map_model, map_guide, (Y_NORMAL,)),
     "mvn_lower_cholesky_guide": Case(mvn_model, mvn_guide, (Y2,)),
