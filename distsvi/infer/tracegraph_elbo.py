@@ -156,17 +156,17 @@ class TraceGraph_ELBO(ELBO):
             if update:
                 self._avg_cost[name] = (1 - beta) * cost.detach() + beta * old
             baseline = baseline + old
-        loss_term: Any = 0.0
-        if nn_baseline is not None or value is not None:
-            fitted = nn_baseline(nn_input.detach()) if nn_baseline is not None else value
-            baseline = baseline + fitted
-            loss_term = (cost.detach() - baseline).pow(2).sum()
+        fit = nn_baseline is not None or value is not None
+        if fit:
+            baseline = baseline + (
+                nn_baseline(nn_input.detach()) if nn_baseline is not None else value
+            )
         if torch.as_tensor(baseline).shape != cost.shape:
             raise ValueError(
                 f"baseline at site {name!r} has shape {tuple(torch.as_tensor(baseline).shape)}, "
                 f"expected the shape of its downstream cost {tuple(cost.shape)}"
             )
-        return baseline, loss_term
+        return baseline, (cost.detach() - baseline).pow(2).sum() if fit else 0.0
 
 
 def _downstream_costs(model_trace: Trace, guide_trace: Trace, non_reparam: list) -> dict:
