@@ -528,3 +528,22 @@ def test_plate_yields_explicit_indices():
         log_probs.append(tr.nodes["x"]["log_prob_sum"].detach())
     assert torch.equal(seen[1], seen[0])
     assert_close(log_probs[1], log_probs[0], "log_prob_sum in a subsampled plate")
+
+
+def test_per_param_optim_callable_sees_normalised_module_names():
+    """Pyro calls a one-argument optim callable with ``nn.Module``-style names
+    (``"net.0.weight"``, not ``"net$$$0.weight"``)."""
+    seen = {}
+    case = CASES["nn_module_in_model"]
+    for B in both():
+        names = seen.setdefault(B.name, set())
+
+        def make_optim(B, names=names):
+            def args(name):
+                names.add(name)
+                return {"lr": 0.01 if name.startswith("net") else 0.1}
+
+            return B.optim.Adam(args)
+
+        train(B, case.model, case.guide, make_optim, 2, _args(case))
+    assert seen["distsvi"] == seen["pyro"]
