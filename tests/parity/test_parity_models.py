@@ -401,6 +401,21 @@ def masked_latent_guide(B, x, m, mask_guide):
         B.pyro.sample("z", q.mask(m) if mask_guide else q)
 
 
+def sequential_plate_model(B, x, idx):
+    mu = B.pyro.sample("mu", B.dist.Normal(0.0, 3.0))
+    for i in B.pyro.plate("data", len(x), subsample=idx):
+        z = B.pyro.sample(f"z_{i}", B.dist.Normal(mu, 1.0))
+        B.pyro.sample(f"x_{i}", B.dist.Normal(z, 0.5), obs=x[i])
+
+
+def sequential_plate_guide(B, x, idx):
+    loc = B.pyro.param("loc", torch.tensor(0.2))
+    B.pyro.sample("mu", fixed_normal(B, loc, torch.tensor(0.4), eps(0)))
+    z_loc = B.pyro.param("z_loc", torch.zeros(len(x)))
+    for i in B.pyro.plate("data", len(x), subsample=idx):
+        B.pyro.sample(f"z_{i}", fixed_normal(B, z_loc[i], torch.tensor(0.6), eps(30 + i)))
+
+
 # ----------------------------------------------------------------------------------- cases
 
 
@@ -446,6 +461,7 @@ CASES = {
         (MIX_X, IDX),
         loss_kwargs={"num_particles": 2, "vectorize_particles": True, "max_plate_nesting": 1},
     ),
+    "sequential_plate": Case(sequential_plate_model, sequential_plate_guide, (Y_NORMAL, IDX)),
     "factor_and_deterministic": Case(factor_model, conjugate_guide, (Y_NORMAL,)),
     "delta_guide_map": Case(map_model, map_guide, (Y_NORMAL,)),
     "mvn_lower_cholesky_guide": Case(mvn_model, mvn_guide, (Y2,)),
