@@ -25,9 +25,9 @@ def test_two_ranks_step_as_one_process_on_the_union(name, float64):
     r0, r1 = ok(run_ranks(w.equivalence, name, steps, batch, dtype=torch.float64))
     assert_same(r0["params"], r1["params"])
 
-    make, model, guide = w.MODELS[name]
+    make, model = w.MODELS[name]
     x, y = make()
-    svi = SVI(model, guide, Adam({"lr": 0.05}), Trace_ELBO())
+    svi = SVI(model, w.auto_delta(model), Adam({"lr": 0.05}), Trace_ELBO())
     for i0, i1 in zip(r0["indices"], r1["indices"]):
         assert len(i0) == len(i1) == batch
         assert not set(i0.tolist()) & set(i1.tolist()), "ranks drew overlapping indices"

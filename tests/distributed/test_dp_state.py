@@ -16,7 +16,7 @@ def test_params_and_optimizer_state_bitwise_identical_after_50_steps():
     r0, r1 = ok(run_ranks(w.identical_state, 50))
     assert_same(r0["params"], r1["params"])
     assert_same(r0["optim"], r1["optim"])
-    assert torch.is_tensor(r0["optim"]["w_loc"]["state"]["exp_avg"]), "no optimizer state"
+    assert torch.is_tensor(r0["optim"]["AutoNormal.locs.z"]["state"]["exp_avg"])
     assert r0["losses"] == r1["losses"]
     assert not torch.equal(r0["noise"], r1["noise"]), "Monte-Carlo noise must differ per rank"
 
@@ -66,3 +66,11 @@ def test_one_collective_per_bucket_not_per_param(cap_mb):
     for r in (r0, r1):
         assert r["buckets"] == expected_buckets
         assert len(r["calls"]) == 3 * expected_buckets, r["calls"]  # 3 steps
+
+
+def test_every_loss_keeps_ranks_identical():
+    r0, r1 = ok(run_ranks(w.every_loss, 10))
+    assert r0.keys() == {"Trace_ELBO", "TraceMeanField_ELBO", "TraceGraph_ELBO"}
+    for name in r0:
+        assert_same(r0[name], r1[name])
+        assert all(torch.isfinite(torch.tensor(r0[name]["losses"]))), name
