@@ -210,3 +210,31 @@ def test_batched_latent_outside_any_plate():
 
     with pytest.raises(ValueError, match="unplated"):
         Trace_ELBO(max_plate_nesting=1).loss(model, guide)
+
+
+def test_guide_forgetting_to_event():
+    """Pyro refuses a guide whose site has other event dims than the model's site."""
+
+    def model():
+        pyro.sample("weights", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+
+    def guide():
+        loc = pyro.param("loc", torch.zeros(3))
+        pyro.sample("weights", dist.Normal(loc, 1.0))
+
+    with pytest.raises(ValueError, match="weights"):
+        _svi_step(model, guide)
+
+
+def test_guide_and_model_shapes_disagree():
+    def model():
+        with pyro.plate("data", 4):
+            pyro.sample("local", dist.Normal(0.0, 1.0))
+
+    def guide():
+        loc = pyro.param("loc", torch.zeros(3))
+        with pyro.plate("data", 4):
+            pyro.sample("local", dist.Normal(loc.sum(), 1.0).expand([4, 3]).to_event(1))
+
+    with pytest.raises(ValueError, match="local"):
+        _svi_step(model, guide)
