@@ -24,6 +24,22 @@ def _key(args: dict) -> tuple:
     return tuple(sorted((k, repr(v)) for k, v in args.items()))
 
 
+class _Cohort:
+    """One torch optimizer (and, for schedulers, its scheduler) over params born together."""
+
+    def __init__(self) -> None:
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.group_of: dict[tuple, dict] = {}
+        self.scheduler: Any = None
+        self.stepped = False  # has the schedule advanced since this cohort began?
+
+    def find_group(self, p: torch.Tensor) -> dict:
+        for group in self.optimizer.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise KeyError("param not in optimizer")
+
+
 class PyroOptim:
     """Wrap a ``torch.optim.Optimizer`` class with Pyro's call and state interface.
 
@@ -46,10 +62,15 @@ class PyroOptim:
         self.pt_clip_args = clip_args or {}
         if self.pt_clip_args and set(self.pt_clip_args) - {"clip_norm", "clip_value", "norm_type"}:
             raise ValueError(f"clip_args takes clip_norm or clip_value, got {sorted(clip_args)}")
-        self.optimizer: torch.optim.Optimizer | None = None
+        self._cohorts: list[_Cohort] = []
+        self._cohort_of: dict[str, _Cohort] = {}
         self._params: dict[str, torch.Tensor] = {}
-        self._group_of: dict[tuple, dict] = {}
         self._pending: dict[str, dict] = {}
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The torch optimizer (the first one, when a scheduler started several)."""
+        return self._cohorts[0].optimizer if self._cohorts else None
 
     # the step -----------------------------------------------------------------------
     def __call__(self, params: dict[str, torch.Tensor] | Iterable[torch.Tensor], *args, **kwargs):
@@ -62,7 +83,8 @@ class PyroOptim:
                 self._add(name, p)
         if self.pt_clip_args:
             self._clip(params.values())
-        self.optimizer.step(*args, **kwargs)
+        for cohort in self._cohorts:
+            cohort.optimizer.step(*args, **kwargs)
 
     def _clip(self, params: Iterable[torch.Tensor]) -> None:
         clip = self.pt_clip_args
@@ -79,54 +101,61 @@ class PyroOptim:
         if callable(args):
             args = args(name)
             if not isinstance(args, dict):
-                raise TypeError(f"per-param optim callable returned {args!r} for param {name!r}; it must return a dict")
+                raise TypeError(
+                    f"per-param optim callable returned {args!r} for param {name!r}; "
+                    "it must return a dict"
+                )
         return dict(args)
+
+    def _cohort_for(self, name: str) -> _Cohort:
+        """Where a new param goes: without a schedule, always the one cohort."""
+        if not self._cohorts:
+            self._cohorts.append(_Cohort())
+        return self._cohorts[-1]
 
     def _add(self, name: str, p: torch.Tensor) -> None:
         old = self._params.get(name)
         if old is not None:
             # The param was re-created (store cleared, module reloaded): fresh state, as in Pyro.
-            group = self._find_group(old)
+            cohort = self._cohort_of[name]
+            group = cohort.find_group(old)
             group["params"][[q is old for q in group["params"]].index(True)] = p
-            self.optimizer.state.pop(old, None)
+            cohort.optimizer.state.pop(old, None)
         else:
+            cohort = self._cohort_for(name)
             args = self._args_for(name)
             key = _key(args)
-            group = self._group_of.get(key)
+            group = cohort.group_of.get(key)
             if group is not None:
                 group["params"].append(p)
-            elif self.optimizer is None:
-                self.optimizer = self.pt_optim_constructor([p], **args)
-                self._on_create(self.optimizer)
-                self._group_of[key] = self.optimizer.param_groups[0]
+            elif cohort.optimizer is None:
+                cohort.optimizer = self.pt_optim_constructor([p], **args)
+                cohort.group_of[key] = cohort.optimizer.param_groups[0]
+                self._on_create(cohort)
             else:
-                first = self.optimizer.param_groups[0]
-                self.optimizer.add_param_group({"params": [p], **args})
-                new = self.optimizer.param_groups[-1]
+                first = cohort.optimizer.param_groups[0]
+                cohort.optimizer.add_param_group({"params": [p], **args})
+                new = cohort.optimizer.param_groups[-1]
                 for k, v in first.items():  # scheduler bookkeeping (initial_lr, max_lr, ...)
                     new.setdefault(k, v)
-                self._group_of[key] = new
+                cohort.group_of[key] = new
+            self._cohort_of[name] = cohort
         self._params[name] = p
         pending = self._pending.pop(name, None)
         if pending is not None:
             self._load_one(name, p, pending)
 
-    def _on_create(self, optimizer: torch.optim.Optimizer) -> None:
+    def _on_create(self, cohort: _Cohort) -> None:
         pass
-
-    def _find_group(self, p: torch.Tensor) -> dict:
-        for group in self.optimizer.param_groups:
-            if any(q is p for q in group["params"]):
-                return group
-        raise KeyError("param not in optimizer")
 
     # state ----------------------------------------------------------------------------
     def get_state(self) -> dict:
         """``{param name: {"state": per-param state, "group": options}}``."""
         out = {}
         for name, p in self._params.items():
-            group = self._find_group(p)
-            state = self.optimizer.state.get(p, {})
+            cohort = self._cohort_of[name]
+            group = cohort.find_group(p)
+            state = cohort.optimizer.state.get(p, {})
             out[name] = {
                 "state": {k: (v.clone() if torch.is_tensor(v) else v) for k, v in state.items()},
                 "group": {k: v for k, v in group.items() if k != "params"},
@@ -145,11 +174,12 @@ class PyroOptim:
                 self._load_one(name, p, entry)
 
     def _load_one(self, name: str, p: torch.Tensor, entry: dict) -> None:
-        self.optimizer.state[p] = {
+        cohort = self._cohort_of[name]
+        cohort.optimizer.state[p] = {
             k: (v.clone().to(p.device) if v.dim() else v.clone()) if torch.is_tensor(v) else v
             for k, v in entry["state"].items()
         }
-        group = self._find_group(p)
+        group = cohort.find_group(p)
         for k, v in entry["group"].items():
             group[k] = v
 
@@ -252,6 +282,9 @@ class PyroLRScheduler(PyroOptim):
         as in Pyro.
 
     Call :meth:`step` (with the metric for ``ReduceLROnPlateau``) to advance the schedule.
+    As in Pyro, a param's schedule starts when the param first appears: params created
+    together share one torch optimizer and scheduler; a param that appears after the
+    schedule has advanced starts a new pair.
     """
 
     def __init__(self, scheduler_constructor: type, optim_args: dict, clip_args: dict | None = None):
@@ -264,45 +297,75 @@ class PyroLRScheduler(PyroOptim):
                 f"scheduler args need {e.args[0]!r}: "
                 "{'optimizer': torch.optim.Adam, 'optim_args': {'lr': 0.01}, ...}"
             ) from None
-        if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
-            constructor = optimizer
-        elif isinstance(optimizer, Callable) and getattr(optimizer, "__name__", "") == "make":
-            raise TypeError("pass the torch optimizer class (torch.optim.Adam), not distsvi.optim.Adam")
-        else:
-            constructor = optimizer
-        super().__init__(constructor, inner, clip_args)
+        if not (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer)):
+            raise TypeError(
+                f"scheduler 'optimizer' must be a torch.optim.Optimizer class such as "
+                f"torch.optim.Adam, got {optimizer!r}"
+            )
+        super().__init__(optimizer, inner, clip_args)
         self.scheduler_constructor = scheduler_constructor
         self.kwargs = args
-        self.scheduler = None
-        self._pending_scheduler: dict | None = None
+        self._saved_cohorts: list[dict] = []  # from set_state, not yet matched to params
+        self._live_of_saved: dict[int, _Cohort] = {}
 
-    def _on_create(self, optimizer: torch.optim.Optimizer) -> None:
-        self.scheduler = self.scheduler_constructor(optimizer, **self.kwargs)
-        if self._pending_scheduler is not None:
-            self.scheduler.load_state_dict(self._pending_scheduler)
-            self._pending_scheduler = None
+    @property
+    def scheduler(self) -> Any:
+        """The torch scheduler (the first one, when late params started several)."""
+        return self._cohorts[0].scheduler if self._cohorts else None
+
+    def _cohort_for(self, name: str) -> _Cohort:
+        for i, saved in enumerate(self._saved_cohorts):
+            if name in saved["names"]:
+                if i not in self._live_of_saved:
+                    self._cohorts.append(_Cohort())
+                    self._live_of_saved[i] = self._cohorts[-1]
+                return self._live_of_saved[i]
+        if not self._cohorts or self._cohorts[-1].stepped:
+            self._cohorts.append(_Cohort())
+        return self._cohorts[-1]
+
+    def _on_create(self, cohort: _Cohort) -> None:
+        cohort.scheduler = self.scheduler_constructor(cohort.optimizer, **self.kwargs)
+        for i, live in self._live_of_saved.items():
+            if live is cohort:
+                cohort.scheduler.load_state_dict(self._saved_cohorts[i]["scheduler"])
+                cohort.stepped = self._saved_cohorts[i].get("stepped", True)
 
     def step(self, *args: Any, **kwargs: Any) -> None:
-        """Advance the learning-rate schedule by one step (epoch)."""
-        if self.scheduler is not None:
-            self.scheduler.step(*args, **kwargs)
+        """Advance every learning-rate schedule by one step (epoch)."""
+        for cohort in self._cohorts:
+            if cohort.scheduler is not None:
+                cohort.scheduler.step(*args, **kwargs)
+                cohort.stepped = True
 
     def get_state(self) -> dict:
-        state = {"params": super().get_state()}
-        if self.scheduler is not None:
-            state["scheduler"] = self.scheduler.state_dict()
-        elif self._pending_scheduler is not None:
-            state["scheduler"] = self._pending_scheduler
-        return state
+        cohorts = [
+            {
+                "names": [n for n, c in self._cohort_of.items() if c is cohort],
+                "scheduler": cohort.scheduler.state_dict(),
+                "stepped": cohort.stepped,
+            }
+            for cohort in self._cohorts
+            if cohort.scheduler is not None
+        ]
+        live = {n for c in cohorts for n in c["names"]}
+        cohorts += [
+            c
+            for i, c in enumerate(self._saved_cohorts)
+            if i not in self._live_of_saved and not live & set(c["names"])
+        ]
+        return {"params": super().get_state(), "cohorts": cohorts}
 
     def set_state(self, state: dict) -> None:
         super().set_state(state["params"])
-        sched = state.get("scheduler")
-        if sched is not None:
-            if self.scheduler is None:
-                self._pending_scheduler = sched
+        for saved in state.get("cohorts", []):
+            live = {id(self._cohort_of[n]): self._cohort_of[n] for n in saved["names"] if n in self._cohort_of}
+            if live:
+                for cohort in live.values():
+                    cohort.scheduler.load_state_dict(saved["scheduler"])
+                    cohort.stepped = saved.get("stepped", True)
             else:
-                self.scheduler.load_state_dict(sched)
+                self._saved_cohorts.append(saved)
 
 
 def _scheduler(cls: type) -> Callable[..., PyroLRScheduler]:

@@ -226,20 +226,21 @@ class Trace_ELBO(ELBO):
         for site in model_trace.nodes.values():
             if site["type"] == "sample":
                 elbo = elbo + site["log_prob_sum"]
-        surrogate = elbo
-        log_r = None
+        nonreparam = []
         for site in guide_trace.nodes.values():
-            if site["type"] != "sample":
-                continue
-            _, score, entropy = site["score_parts"]
-            elbo = elbo - site["log_prob_sum"]
-            if not _is_zero(entropy):
-                surrogate = surrogate - entropy.sum()
-            if not _is_zero(score):
-                if log_r is None:
-                    log_r = _log_r_terms(model_trace, guide_trace)
+            if site["type"] == "sample":
+                elbo = elbo - site["log_prob_sum"]
+                if not _is_zero(site["score_parts"].score_function):
+                    nonreparam.append(site)
+        # For reparameterised sites the surrogate is the ELBO itself (one graph, not two);
+        # a non-reparameterised site contributes its score term instead of its entropy.
+        surrogate = elbo
+        if nonreparam:
+            log_r = _log_r_terms(model_trace, guide_trace)
+            for site in nonreparam:
                 weight = _sum_to(log_r, _plate_frames(site))
-                surrogate = surrogate + (weight * score).sum()
+                score = site["score_parts"].score_function
+                surrogate = surrogate + site["log_prob_sum"] + (weight * score).sum()
         loss = -elbo
         if isinstance(loss, torch.Tensor):
             loss = loss.detach()

@@ -91,9 +91,10 @@ class SVI:
             loss = self.loss_and_grads(self.model, self.guide, *args, **kwargs)
         store = _PARAM_STORE._params
         params = {name: store[name] for name in param_capture.trace.nodes}
+        value = self._apply(loss, params)
         if self._compile_options is not None:
-            self._prepare_compiled(params)
-        return self._apply(loss, params)
+            self._prepare_compiled(params)  # after the step: the optimizer exists now
+        return value
 
     def _apply(self, loss: torch.Tensor, params: dict[str, torch.Tensor], optim_step=None) -> float:
         """Hook, optimizer step, zeroed grads: the end of every step."""
@@ -118,7 +119,7 @@ class SVI:
         if (
             optimizer is not None
             and type(optimizer).__module__.startswith("torch.optim")
-            and getattr(self.optim, "scheduler", None) is None
+            and not hasattr(self.optim, "scheduler_constructor")
             and not getattr(self.optim, "pt_clip_args", None)
         ):
             # lr is a float in the param group: a scheduler would force a recompile per change.

@@ -103,7 +103,7 @@ class Trace:
                 site["unscaled_log_prob"] = lp
                 lp = scale_and_mask(lp, site["scale"], site["mask"])
                 site["log_prob"] = lp
-                site["log_prob_sum"] = lp.sum()
+                site["log_prob_sum"] = lp if lp.dim() == 0 else lp.sum()
 
     def compute_score_parts(self) -> None:
         """Set ``score_parts`` (and ``log_prob``) of every sample site."""
@@ -113,7 +113,7 @@ class Trace:
                 site["unscaled_log_prob"] = lp
                 lp = scale_and_mask(lp, site["scale"], site["mask"])
                 site["log_prob"] = lp
-                site["log_prob_sum"] = lp.sum()
+                site["log_prob_sum"] = lp if lp.dim() == 0 else lp.sum()
                 if site["fn"].has_rsample or site["is_observed"]:
                     site["score_parts"] = ScoreParts(lp, 0, lp)
                 else:
