@@ -416,6 +416,14 @@ def sequential_plate_guide(B, x, idx):
         B.pyro.sample(f"z_{i}", fixed_normal(B, z_loc[i], torch.tensor(0.6), eps(30 + i)))
 
 
+def conditioned_model(B, x):
+    B.poutine.condition(hier_model, data={"mu": torch.tensor(0.4)})(B, x, GIDX)
+
+
+def conditioned_guide(B, x):
+    hier_guide(B, x, GIDX)
+
+
 # ----------------------------------------------------------------------------------- cases
 
 
@@ -462,6 +470,7 @@ CASES = {
         loss_kwargs={"num_particles": 2, "vectorize_particles": True, "max_plate_nesting": 1},
     ),
     "sequential_plate": Case(sequential_plate_model, sequential_plate_guide, (Y_NORMAL, IDX)),
+    "model_conditioned_on_a_guide_latent": Case(conditioned_model, conditioned_guide, (HIER_DATA,)),
     "factor_and_deterministic": Case(factor_model, conjugate_guide, (Y_NORMAL,)),
     "delta_guide_map": Case(map_model, map_guide, (Y_NORMAL,)),
     "mvn_lower_cholesky_guide": Case(mvn_model, mvn_guide, (Y2,)),
