@@ -18,6 +18,7 @@ pytest.importorskip("pyro")
 from parity_harness import (
     assert_close,
     assert_same_params,
+    bind,
     both,
     fixed,
     fixed_lognormal,
@@ -572,3 +573,27 @@ def test_per_param_optim_callable_sees_normalised_module_names():
 
         train(B, case.model, case.guide, make_optim, 2, _args(case))
     assert seen["distsvi"] == seen["pyro"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "logistic_regression_subsampled",
+        "local_bernoulli_score_function",
+        "scaled_and_masked_score_function",
+        "mean_field_analytic_kl",
+    ],
+)
+def test_differentiable_loss(name):
+    case = CASES[name]
+    results = []
+    for B in both():
+        B.pyro.clear_param_store()
+        elbo = getattr(B.infer, case.loss)(**case.loss_kwargs)
+        loss = elbo.differentiable_loss(bind(case.model, B), bind(case.guide, B), *_args(case))
+        loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in B.pyro.get_param_store().named_parameters()}
+        results.append((loss.detach(), grads))
+    (want_loss, want_grads), (got_loss, got_grads) = results
+    assert_close(got_loss, want_loss, "differentiable_loss")
+    assert_same_params(got_grads, want_grads, "gradient of differentiable_loss")
