@@ -27,6 +27,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from distsvi.train import loop
 from distsvi.train.config import ConfigError, TrainConfig, load_config, to_yaml
 
 
@@ -80,8 +81,6 @@ def run(args: argparse.Namespace, cfg: TrainConfig) -> int:
     if args.command == "config":
         print(to_yaml(cfg), end="")
         return 0
-    from distsvi.train import loop  # torch and the engine load only once the config is good
-
     if args.command == "train":
         loop.train(cfg)
     elif args.command == "eval":

@@ -25,6 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as torch_dist
+
+import distsvi
+from distsvi import distributed
+from distsvi.distributed.data import rank_seed
+from distsvi.train.config import to_yaml
+from distsvi.train.job import Job, cuda_devices
 
 FORMAT = 1
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
@@ -144,3 +151,118 @@ class Checkpointer:
                     f"skipping bad checkpoint {path}: {e}", CheckpointWarning, stacklevel=2
                 )
         return None
+
+
+# -- a job's state -------------------------------------------------------------------
+
+
+def _rng_states(group: distributed.ProcessGroup) -> dict[str, torch.Tensor]:
+    """Every rank's generator states, stacked by rank (a collective when distributed)."""
+    states = {"torch": torch.get_rng_state()}
+    if group.device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(group.device)
+    if not group.is_distributed:
+        return {k: v.unsqueeze(0) for k, v in states.items()}
+    gathered: list[dict | None] = [None] * group.world_size
+    torch_dist.all_gather_object(gathered, states)
+    return {k: torch.stack([g[k] for g in gathered]) for k in states}
+
+
+def job_state(job: Job, step: int) -> dict[str, Any]:
+    store = distsvi.get_param_store().state_dict()
+    buffers = {}
+    if isinstance(job.model_obj, torch.nn.Module):
+        buffers = {k: v.detach().cpu() for k, v in job.model_obj.named_buffers()}
+    return {
+        "format": FORMAT,
+        "step": step,
+        "epoch": job.current_epoch(step),
+        "data_position": job.data_state(),
+        "seed": job.cfg.run.seed,
+        "rng": _rng_states(job.group),
+        "params": {k: v.cpu() for k, v in store["params"].items()},
+        "constraints": store["constraints"],
+        "buffers": buffers,
+        "optim": job.optim.get_state(),
+        "skipped_steps": job.monitor.skipped,
+        "config": to_yaml(job.cfg),
+        "world_size": job.group.world_size,
+    }
+
+
+def _materialize_params(job: Job) -> None:
+    """Run model and guide once so that every param (and module) exists, off the RNG stream."""
+    with torch.random.fork_rng(devices=cuda_devices(job.group)), torch.no_grad():
+        job.svi.loss(
+            job.model,
+            job.guide,
+            *job.split.train,
+            size=job.split.num_train,
+            subsample_size=job.cfg.run.batch_size,
+        )
+
+
+def load_params(job: Job, state: dict[str, Any]) -> None:
+    """Copy a checkpoint's params and buffers into the store (in place, so modules see them)."""
+    _materialize_params(job)
+    store = distsvi.get_param_store()
+    unconstrained = dict(store.named_parameters())
+    missing = {}
+    with torch.no_grad():
+        for name, value in state["params"].items():
+            if name in unconstrained:
+                unconstrained[name].copy_(value)
+            else:
+                missing[name] = value
+        if missing:
+            store.set_state(
+                {"params": missing, "constraints": {k: state["constraints"][k] for k in missing}}
+            )
+        if isinstance(job.model_obj, torch.nn.Module):
+            own = dict(job.model_obj.named_buffers())
+            for name, value in state["buffers"].items():
+                own[name].copy_(value)
+
+
+def read_checkpoint(job: Job, ckpt: Checkpointer, resume: str) -> tuple[dict, Path] | None:
+    """Rank 0 picks and reads the checkpoint (``auto``: the newest that loads; or a path)
+    and sends it to the others, so every rank resumes from the same one and nodes need no
+    shared file system to read it."""
+    found = None
+    if job.group.is_main and resume != "never":
+        found = ckpt.latest() if resume == "auto" else (load(resume), Path(resume))
+    if job.group.is_distributed:
+        box = [found]
+        torch_dist.broadcast_object_list(box, src=0)
+        found = box[0]
+    return found
+
+
+def restore(job: Job, ckpt: Checkpointer) -> int:
+    """Resume per ``checkpoint.resume``: set params, optimizer, data position and RNG;
+    return the number of steps already done.
+
+    """
+    cfg, group = job.cfg, job.group
+    found = read_checkpoint(job, ckpt, cfg.checkpoint.resume)
+    if found is None:
+        return 0
+    state, path = found
+    load_params(job, state)
+    job.optim.set_state(state["optim"])
+    job.load_data_state(state["data_position"])
+    job.monitor.skipped = int(state["skipped_steps"])
+    if state["world_size"] == group.world_size:
+        # clone: a tensor unpickled from a broadcast may not own its memory
+        torch.set_rng_state(state["rng"]["torch"][group.rank].clone())
+        if "cuda" in state["rng"] and group.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"][group.rank].clone(), group.device)
+    else:
+        warnings.warn(
+            f"{path} was written by {state['world_size']} ranks, this job has {group.world_size}: "
+            "the random streams restart from the seed, so the run will not repeat the original exactly"
+        )
+        distsvi.set_rng_seed(rank_seed(cfg.run.seed + int(state["step"]), group.rank))
+    if group.is_main:
+        print(f"resuming from {path} at step {state['step']}", flush=True)
+    return int(state["step"])

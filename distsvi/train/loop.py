@@ -1,446 +1,26 @@
 """One rank of a training job: the same code for one process or N under torchrun.
 
-``train(cfg)`` reads top to bottom: join the process group, load the data, build the
-model, guide, loss and optimizer, resume from the newest good checkpoint, loop, and leave
-the group. :func:`build_job`, :func:`restore` and :func:`validate` are the pieces that
-``distsvi eval`` and ``distsvi predict`` reuse.
+``train(cfg)`` reads top to bottom: join the process group, build the job (data, model,
+guide, loss, optimizer), resume from the newest good checkpoint, loop, and leave the
+group. ``evaluate`` and ``predict`` are ``distsvi eval`` and ``distsvi predict``.
 """
 
 from __future__ import annotations
 
 import datetime
 import math
-import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as torch_dist
-from torch.utils.data import TensorDataset
 
 import distsvi
-from distsvi import distributed, poutine
-from distsvi import optim as optim_lib
-from distsvi.distributed.data import DistributedLoader, rank_seed
-from distsvi.infer import (
-    SVI,
-    Predictive,
-    Trace_ELBO,
-    TraceGraph_ELBO,
-    TraceMeanField_ELBO,
-    autoguide,
-)
+from distsvi import distributed
+from distsvi.distributed.data import rank_seed
 from distsvi.train import checkpoint
-from distsvi.train.config import (
-    AUTOGUIDES,
-    ConfigError,
-    TrainConfig,
-    check_batch,
-    import_target,
-    to_yaml,
-)
-from distsvi.train.data import Split, load_data
+from distsvi.train.config import TrainConfig, to_yaml
+from distsvi.train.job import Job, build_job, posterior_predictive, validate
 from distsvi.train.metrics import Progress, Timer, make_metrics
-from distsvi.train.models import BUILTIN
-
-LOSSES = {
-    "Trace_ELBO": Trace_ELBO,
-    "TraceMeanField_ELBO": TraceMeanField_ELBO,
-    "TraceGraph_ELBO": TraceGraph_ELBO,
-}
-SCHEDULERS = {
-    "exponential": "ExponentialLR",
-    "step": "StepLR",
-    "cosine": "CosineAnnealingLR",
-}
-
-
-@dataclass
-class Job:
-    """Everything built from a config for one rank, before the first step."""
-
-    cfg: TrainConfig
-    group: distributed.ProcessGroup
-    split: Split
-    model_obj: Any
-    model: Callable
-    guide: Callable
-    optim: Any
-    scheduler: Any
-    svi: SVI
-    dp: distributed.DataParallelSVI
-    monitor: GradMonitor
-    replay: ReplayOnRerun | None
-    loader: DistributedLoader | None
-    total_steps: int
-    steps_per_epoch: int
-    epoch: int = 0
-    position: int = 0
-    _batches: Iterator | None = field(default=None, repr=False)
-
-    def step(self) -> float:
-        """One training step on this rank's next minibatch; the loss averaged over ranks."""
-        size = self.split.num_train
-        if self.replay is not None:
-            self.replay.begin_step()
-        if self.loader is None:  # the "data" plate draws this rank's rows (ShardedPlates)
-            loss = self.dp.step(
-                *self.split.train, size=size, subsample_size=self.cfg.run.batch_size
-            )
-        else:
-            idx, batch = self._next_batch()
-            loss = self.dp.step(*batch, size=size, subsample=idx)
-        return loss
-
-    def _next_batch(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        if self._batches is None:
-            self.loader.set_epoch(self.epoch)
-            self._batches = islice(iter(self.loader), self.position, None)
-        try:
-            idx, batch = next(self._batches)
-        except StopIteration:
-            self.epoch, self.position, self._batches = self.epoch + 1, 0, None
-            return self._next_batch()
-        self.position += 1
-        device = self.group.device
-        return idx.to(device), [t.to(device) for t in batch]
-
-    def data_state(self) -> dict[str, Any]:
-        """Where the data stands: the sharded plates' walk, or the loader's epoch and batch."""
-        return {"parallel": self.dp.state_dict(), "epoch": self.epoch, "position": self.position}
-
-    def load_data_state(self, state: dict[str, Any]) -> None:
-        self.dp.load_state_dict(state["parallel"])
-        self.epoch, self.position, self._batches = int(state["epoch"]), int(state["position"]), None
-
-    @property
-    def skipped_steps(self) -> int:
-        return self.dp.num_skipped + self.monitor.skipped
-
-    def current_epoch(self, step: int) -> int:
-        return self.epoch if self.loader is not None else step // self.steps_per_epoch
-
-
-class GradMonitor:
-    """Runs after the cross-rank gradient average (``svi.grad_hook``): measures the
-    gradient norm, clips it, and in a single process skips steps whose gradients are not
-    finite (across ranks, :class:`~distsvi.distributed.DataParallelSVI` skips those itself,
-    the same on every rank)."""
-
-    def __init__(self, inner: Callable | None, clip_norm: float | None) -> None:
-        self.inner, self.clip_norm = inner, clip_norm
-        self.skipped = 0
-        self.grad_norm = torch.zeros(())
-
-    def __call__(self, loss: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        if self.inner is not None:
-            loss = self.inner(loss, params)
-            if loss is None:  # skipped (or to be rerun) by the data-parallel layer
-                return None
-        grads = [p.grad for p in params.values() if p.grad is not None]
-        if not grads:
-            return loss
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        self.grad_norm = norm.detach()
-        # Sync point: one host read per step to decide whether to skip.
-        if not bool(torch.isfinite(norm)):
-            self.skipped += 1
-            return None
-        if self.clip_norm is not None:
-            torch._foreach_mul_(grads, torch.clamp(self.clip_norm / (norm + 1e-6), max=1.0))
-        return loss
-
-
-class ReplayOnRerun:
-    """Wraps ``svi.loss_and_grads`` so that every run of it within one step draws the same
-    random numbers.
-
-    DataParallelSVI reruns a step when params first appear (after broadcasting rank 0's
-    values). A resumed run's first step is such a rerun; replaying the step's draws makes
-    it the step the uninterrupted run took, so resuming repeats the run exactly.
-    """
-
-    def __init__(self, fn: Callable, devices: list[int]) -> None:
-        self.fn, self.devices = fn, devices
-        self.state: tuple | None = None
-
-    def begin_step(self) -> None:
-        self.state = None
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.state is None:
-            self.state = _get_rng(self.devices)
-        else:
-            _set_rng(self.state, self.devices)
-        return self.fn(*args, **kwargs)
-
-
-def _get_rng(devices: list[int]) -> tuple:
-    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
-
-
-def _set_rng(state: tuple, devices: list[int]) -> None:
-    torch.set_rng_state(state[0])
-    for d, s in zip(devices, state[1]):
-        torch.cuda.set_rng_state(s, d)
-
-
-def build_model(cfg: TrainConfig) -> tuple[Any, Callable]:
-    """The model object (a class instance, or the function itself) and the model callable."""
-    if cfg.model.name in BUILTIN:
-        target = BUILTIN[cfg.model.name]
-    else:
-        _, target = import_target(cfg.model.name, "model.name")
-    if isinstance(target, type):
-        try:
-            obj = target(**cfg.model.options)
-        except TypeError as e:
-            raise ConfigError("model.options", f"{cfg.model.name}: {e}") from None
-        if not callable(getattr(obj, "model", None)):
-            raise ConfigError("model.name", f"{cfg.model.name} has no model method")
-        return obj, obj.model
-    if not callable(target):
-        raise ConfigError("model.name", f"{cfg.model.name} is not callable")
-    return target, target
-
-
-def build_guide(cfg: TrainConfig, model_obj: Any, model: Callable) -> Callable:
-    name = cfg.guide.name
-    if name in AUTOGUIDES:
-        try:
-            return getattr(autoguide, name)(model, **cfg.guide.options)
-        except TypeError as e:
-            raise ConfigError("guide.options", f"{name}: {e}") from None
-    if name == "model":
-        if not callable(getattr(model_obj, "guide", None)):
-            raise ConfigError("guide.name", f"'model' needs a guide method on {cfg.model.name}")
-        return model_obj.guide
-    _, guide = import_target(name, "guide.name")
-    return guide
-
-
-def build_optim(cfg: TrainConfig) -> tuple[Any, Any]:
-    """The optimizer (a scheduler when ``schedule.name`` is set) and the scheduler or None."""
-    o = cfg.optim
-    base = {"lr": o.lr, **o.options}
-
-    def per_param(name: str) -> dict[str, Any]:
-        args = dict(base)
-        for prefix, extra in o.per_param.items():
-            if name.startswith(prefix):
-                args.update(extra)
-        return args
-
-    args: Any = per_param if o.per_param else base
-    if cfg.schedule.name == "none":
-        return getattr(optim_lib, o.name)(args), None
-    torch_optim = getattr(torch.optim, o.name)
-    scheduler = getattr(optim_lib, SCHEDULERS[cfg.schedule.name])(
-        {"optimizer": torch_optim, "optim_args": args, **cfg.schedule.options}
-    )
-    return scheduler, scheduler
-
-
-def build_job(cfg: TrainConfig, group: distributed.ProcessGroup) -> Job:
-    """Load the data and build model, guide, loss, optimizer and the data-parallel SVI.
-
-    The job owns the global param store: it starts empty.
-    """
-    distsvi.clear_param_store()
-    split = load_data(cfg.data)
-    check_batch(cfg, split.num_train + split.num_val, group.world_size)
-    split.train = tuple(t.to(group.device) for t in split.train)
-    split.val = tuple(t.to(group.device) for t in split.val)
-    model_obj, model = build_model(cfg)
-    if isinstance(model_obj, torch.nn.Module):
-        model_obj.to(group.device)
-    guide = build_guide(cfg, model_obj, model)
-    loss_cfg = cfg.loss
-    loss = LOSSES[loss_cfg.name](
-        num_particles=loss_cfg.num_particles,
-        vectorize_particles=loss_cfg.vectorize_particles,
-        max_plate_nesting=loss_cfg.max_plate_nesting
-        if loss_cfg.max_plate_nesting is not None
-        else float("inf"),
-    )
-    optim, scheduler = build_optim(cfg)
-    svi = SVI(model, guide, optim, loss)
-    dp = distributed.DataParallelSVI(
-        svi, group, shard_plates=("data",), bucket_cap_mb=cfg.dist.bucket_cap_mb, seed=cfg.run.seed
-    )
-    monitor = GradMonitor(svi.grad_hook, cfg.optim.clip_norm)
-    svi.grad_hook = monitor
-    replay = None
-    if group.is_distributed:
-        replay = svi.loss_and_grads = ReplayOnRerun(svi.loss_and_grads, _cuda_devices(group))
-    loader = None
-    rows_per_step = cfg.run.batch_size * group.world_size
-    steps_per_epoch = max(1, split.num_train // rows_per_step)
-    if cfg.data.loader == "dataloader":
-        loader = DistributedLoader(
-            TensorDataset(*(t.cpu() for t in split.train)),
-            cfg.run.batch_size,
-            group,
-            seed=cfg.run.seed,
-        )
-        steps_per_epoch = len(loader)
-    total = cfg.run.steps if cfg.run.steps > 0 else cfg.run.epochs * steps_per_epoch
-    return Job(
-        cfg,
-        group,
-        split,
-        model_obj,
-        model,
-        guide,
-        optim,
-        scheduler,
-        svi,
-        dp,
-        monitor,
-        replay,
-        loader,
-        total,
-        steps_per_epoch,
-    )
-
-
-def validate(job: Job, seed: int) -> float:
-    """The full validation set's negative ELBO, summed over ranks' shards (invariant 7).
-
-    Its Monte-Carlo noise comes from its own seed, so validating does not move the
-    training random stream (a resumed run then draws what the uninterrupted one draws).
-    """
-    with torch.random.fork_rng(devices=_cuda_devices(job.group)):
-        distsvi.set_rng_seed(rank_seed(seed, job.group.rank))
-        # The sharded "data" plate evaluates this rank's whole shard, whatever subsample_size says.
-        batch = min(job.cfg.run.batch_size, job.split.num_val)
-        return job.dp.evaluate_loss(*job.split.val, size=job.split.num_val, subsample_size=batch)
-
-
-# -- checkpoints ------------------------------------------------------------------------
-
-
-def _cuda_devices(group: distributed.ProcessGroup) -> list[int]:
-    return [group.device.index or 0] if group.device.type == "cuda" else []
-
-
-def _rng_states(group: distributed.ProcessGroup) -> dict[str, torch.Tensor]:
-    """Every rank's generator states, stacked by rank (a collective when distributed)."""
-    states = {"torch": torch.get_rng_state()}
-    if group.device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(group.device)
-    if not group.is_distributed:
-        return {k: v.unsqueeze(0) for k, v in states.items()}
-    gathered: list[dict | None] = [None] * group.world_size
-    torch_dist.all_gather_object(gathered, states)
-    return {k: torch.stack([g[k] for g in gathered]) for k in states}
-
-
-def checkpoint_state(job: Job, step: int) -> dict[str, Any]:
-    store = distsvi.get_param_store().state_dict()
-    buffers = {}
-    if isinstance(job.model_obj, torch.nn.Module):
-        buffers = {k: v.detach().cpu() for k, v in job.model_obj.named_buffers()}
-    return {
-        "format": checkpoint.FORMAT,
-        "step": step,
-        "epoch": job.current_epoch(step),
-        "data_position": job.data_state(),
-        "seed": job.cfg.run.seed,
-        "rng": _rng_states(job.group),
-        "params": {k: v.cpu() for k, v in store["params"].items()},
-        "constraints": store["constraints"],
-        "buffers": buffers,
-        "optim": job.optim.get_state(),
-        "skipped_steps": job.monitor.skipped,
-        "config": to_yaml(job.cfg),
-        "world_size": job.group.world_size,
-    }
-
-
-def _materialize_params(job: Job) -> None:
-    """Run model and guide once so that every param (and module) exists, off the RNG stream."""
-    with torch.random.fork_rng(devices=_cuda_devices(job.group)), torch.no_grad():
-        job.svi.loss(
-            job.model,
-            job.guide,
-            *job.split.train,
-            size=job.split.num_train,
-            subsample_size=job.cfg.run.batch_size,
-        )
-
-
-def load_params(job: Job, state: dict[str, Any]) -> None:
-    """Copy a checkpoint's params and buffers into the store (in place, so modules see them)."""
-    _materialize_params(job)
-    store = distsvi.get_param_store()
-    missing = {}
-    with torch.no_grad():
-        for name, value in state["params"].items():
-            if name in store:
-                store._params[name].copy_(value)
-            else:
-                missing[name] = value
-        if missing:
-            store.set_state(
-                {"params": missing, "constraints": {k: state["constraints"][k] for k in missing}}
-            )
-        if isinstance(job.model_obj, torch.nn.Module):
-            own = dict(job.model_obj.named_buffers())
-            for name, value in state["buffers"].items():
-                own[name].copy_(value)
-
-
-def read_checkpoint(
-    job: Job, ckpt: checkpoint.Checkpointer, resume: str
-) -> tuple[dict, Path] | None:
-    """Rank 0 picks and reads the checkpoint (``auto``: the newest that loads; or a path)
-    and sends it to the others, so every rank resumes from the same one and nodes need no
-    shared file system to read it."""
-    found = None
-    if job.group.is_main and resume != "never":
-        found = ckpt.latest() if resume == "auto" else (checkpoint.load(resume), Path(resume))
-    if job.group.is_distributed:
-        box = [found]
-        torch_dist.broadcast_object_list(box, src=0)
-        found = box[0]
-    return found
-
-
-def restore(job: Job, ckpt: checkpoint.Checkpointer) -> int:
-    """Resume per ``checkpoint.resume``: set params, optimizer, data position and RNG;
-    return the number of steps already done.
-
-    """
-    cfg, group = job.cfg, job.group
-    found = read_checkpoint(job, ckpt, cfg.checkpoint.resume)
-    if found is None:
-        return 0
-    state, path = found
-    load_params(job, state)
-    job.optim.set_state(state["optim"])
-    job.load_data_state(state["data_position"])
-    job.monitor.skipped = int(state["skipped_steps"])
-    if state["world_size"] == group.world_size:
-        # clone: a tensor unpickled from a broadcast may not own its memory
-        torch.set_rng_state(state["rng"]["torch"][group.rank].clone())
-        if "cuda" in state["rng"] and group.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"][group.rank].clone(), group.device)
-    else:
-        warnings.warn(
-            f"{path} was written by {state['world_size']} ranks, this job has {group.world_size}: "
-            "the random streams restart from the seed, so the run will not repeat the original exactly"
-        )
-        distsvi.set_rng_seed(rank_seed(cfg.run.seed + int(state["step"]), group.rank))
-    if group.is_main:
-        print(f"resuming from {path} at step {state['step']}", flush=True)
-    return int(state["step"])
-
-
-# -- the loop ---------------------------------------------------------------------------
 
 
 def _init(cfg: TrainConfig) -> distributed.ProcessGroup:
@@ -474,7 +54,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         ckpt = checkpoint.Checkpointer(
             cfg.checkpoint.dir, cfg.checkpoint.every, cfg.checkpoint.keep, group.is_main
         )
-        start = restore(job, ckpt)
+        start = checkpoint.restore(job, ckpt)
         if group.is_main:
             Path(cfg.checkpoint.dir).mkdir(parents=True, exist_ok=True)
             checkpoint.write_text_atomic(to_yaml(cfg), Path(cfg.checkpoint.dir) / "config.yaml")
@@ -508,7 +88,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                 metrics.scalars(step, values)
                 progress.update(step, values)
             if ckpt.should_save(step, job.total_steps):
-                state = checkpoint_state(job, step)
+                state = checkpoint.job_state(job, step)
                 ckpt.save(state)
         if start >= job.total_steps:
             progress.message(
@@ -524,24 +104,6 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         if metrics is not None:
             metrics.close()
         distributed.shutdown()
-
-
-def posterior_predictive(job: Job, num_samples: int, seed: int) -> dict[str, torch.Tensor]:
-    """Samples of every model sample site on the validation rows (observations left free)."""
-    *inputs, _ = job.split.val
-    kwargs = {"size": job.split.num_val}
-    with torch.random.fork_rng(devices=_cuda_devices(job.group)), torch.no_grad():
-        distsvi.set_rng_seed(seed)
-        guide_trace = poutine.trace(job.guide).get_trace(*inputs, None, **kwargs)
-        model_trace = poutine.trace(poutine.replay(job.model, trace=guide_trace)).get_trace(
-            *inputs, None, **kwargs
-        )
-        sites = [name for name, site in model_trace.nodes.items() if site["type"] == "sample"]
-        predictive = Predictive(
-            job.model, guide=job.guide, num_samples=num_samples, return_sites=sites
-        )
-        samples = predictive(*inputs, None, **kwargs)
-    return {k: v.detach().cpu() for k, v in samples.items()}
 
 
 def final_report(job: Job, progress: Progress) -> dict[str, float]:
@@ -560,9 +122,11 @@ def _job_from_checkpoint(cfg: TrainConfig, path: str) -> tuple[Job, dict[str, An
     group = _init(cfg)
     distsvi.set_rng_seed(rank_seed(cfg.run.seed, group.rank))
     job = build_job(cfg, group)
-    found = read_checkpoint(job, checkpoint.Checkpointer(Path(path).parent, 0, 1, False), path)
+    found = checkpoint.read_checkpoint(
+        job, checkpoint.Checkpointer(Path(path).parent, 0, 1, False), path
+    )
     state, _ = found
-    load_params(job, state)
+    checkpoint.load_params(job, state)
     return job, state
 
 

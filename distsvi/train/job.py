@@ -1,0 +1,324 @@
+"""A job built from its config for one rank: data, model, guide, loss, optimizer and the
+data-parallel SVI, plus the operations the loop, ``eval`` and ``predict`` share (a
+training step, validation, posterior predictive samples)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
+
+import torch
+from torch.utils.data import TensorDataset
+
+import distsvi
+from distsvi import distributed, poutine
+from distsvi import optim as optim_lib
+from distsvi.distributed.data import DistributedLoader, rank_seed
+from distsvi.infer import (
+    SVI,
+    Predictive,
+    Trace_ELBO,
+    TraceGraph_ELBO,
+    TraceMeanField_ELBO,
+    autoguide,
+)
+from distsvi.train.config import AUTOGUIDES, ConfigError, TrainConfig, check_batch, import_target
+from distsvi.train.data import Split, load_data
+from distsvi.train.models import BUILTIN
+
+LOSSES = {
+    "Trace_ELBO": Trace_ELBO,
+    "TraceMeanField_ELBO": TraceMeanField_ELBO,
+    "TraceGraph_ELBO": TraceGraph_ELBO,
+}
+SCHEDULERS = {
+    "exponential": "ExponentialLR",
+    "step": "StepLR",
+    "cosine": "CosineAnnealingLR",
+}
+
+
+@dataclass
+class Job:
+    """Everything built from a config for one rank, before the first step."""
+
+    cfg: TrainConfig
+    group: distributed.ProcessGroup
+    split: Split
+    model_obj: Any
+    model: Callable
+    guide: Callable
+    optim: Any
+    scheduler: Any
+    svi: SVI
+    dp: distributed.DataParallelSVI
+    monitor: GradMonitor
+    replay: ReplayOnRerun | None
+    loader: DistributedLoader | None
+    total_steps: int
+    steps_per_epoch: int
+    epoch: int = 0
+    position: int = 0
+    _batches: Iterator | None = field(default=None, repr=False)
+
+    def step(self) -> float:
+        """One training step on this rank's next minibatch; the loss averaged over ranks."""
+        size = self.split.num_train
+        if self.replay is not None:
+            self.replay.begin_step()
+        if self.loader is None:  # the "data" plate draws this rank's rows (ShardedPlates)
+            loss = self.dp.step(
+                *self.split.train, size=size, subsample_size=self.cfg.run.batch_size
+            )
+        else:
+            idx, batch = self._next_batch()
+            loss = self.dp.step(*batch, size=size, subsample=idx)
+        return loss
+
+    def _next_batch(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if self._batches is None:
+            self.loader.set_epoch(self.epoch)
+            self._batches = islice(iter(self.loader), self.position, None)
+        try:
+            idx, batch = next(self._batches)
+        except StopIteration:
+            self.epoch, self.position, self._batches = self.epoch + 1, 0, None
+            return self._next_batch()
+        self.position += 1
+        device = self.group.device
+        return idx.to(device), [t.to(device) for t in batch]
+
+    def data_state(self) -> dict[str, Any]:
+        """Where the data stands: the sharded plates' walk, or the loader's epoch and batch."""
+        return {"parallel": self.dp.state_dict(), "epoch": self.epoch, "position": self.position}
+
+    def load_data_state(self, state: dict[str, Any]) -> None:
+        self.dp.load_state_dict(state["parallel"])
+        self.epoch, self.position, self._batches = int(state["epoch"]), int(state["position"]), None
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.dp.num_skipped + self.monitor.skipped
+
+    def current_epoch(self, step: int) -> int:
+        return self.epoch if self.loader is not None else step // self.steps_per_epoch
+
+
+class GradMonitor:
+    """Runs after the cross-rank gradient average (``svi.grad_hook``): measures the
+    gradient norm, clips it, and in a single process skips steps whose gradients are not
+    finite (across ranks, :class:`~distsvi.distributed.DataParallelSVI` skips those itself,
+    the same on every rank)."""
+
+    def __init__(self, inner: Callable | None, clip_norm: float | None) -> None:
+        self.inner, self.clip_norm = inner, clip_norm
+        self.skipped = 0
+        self.grad_norm = torch.zeros(())
+
+    def __call__(self, loss: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        if self.inner is not None:
+            loss = self.inner(loss, params)
+            if loss is None:  # skipped (or to be rerun) by the data-parallel layer
+                return None
+        grads = [p.grad for p in params.values() if p.grad is not None]
+        if not grads:
+            return loss
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        self.grad_norm = norm.detach()
+        # Sync point: one host read per step to decide whether to skip.
+        if not bool(torch.isfinite(norm)):
+            self.skipped += 1
+            return None
+        if self.clip_norm is not None:
+            torch._foreach_mul_(grads, torch.clamp(self.clip_norm / (norm + 1e-6), max=1.0))
+        return loss
+
+
+class ReplayOnRerun:
+    """Wraps ``svi.loss_and_grads`` so that every run of it within one step draws the same
+    random numbers.
+
+    DataParallelSVI reruns a step when params first appear (after broadcasting rank 0's
+    values). A resumed run's first step is such a rerun; replaying the step's draws makes
+    it the step the uninterrupted run took, so resuming repeats the run exactly.
+    """
+
+    def __init__(self, fn: Callable, devices: list[int]) -> None:
+        self.fn, self.devices = fn, devices
+        self.state: tuple | None = None
+
+    def begin_step(self) -> None:
+        self.state = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.state is None:
+            self.state = _get_rng(self.devices)
+        else:
+            _set_rng(self.state, self.devices)
+        return self.fn(*args, **kwargs)
+
+
+def _get_rng(devices: list[int]) -> tuple:
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def _set_rng(state: tuple, devices: list[int]) -> None:
+    torch.set_rng_state(state[0])
+    for d, s in zip(devices, state[1]):
+        torch.cuda.set_rng_state(s, d)
+
+
+def build_model(cfg: TrainConfig) -> tuple[Any, Callable]:
+    """The model object (a class instance, or the function itself) and the model callable."""
+    if cfg.model.name in BUILTIN:
+        target = BUILTIN[cfg.model.name]
+    else:
+        _, target = import_target(cfg.model.name, "model.name")
+    if isinstance(target, type):
+        try:
+            obj = target(**cfg.model.options)
+        except TypeError as e:
+            raise ConfigError("model.options", f"{cfg.model.name}: {e}") from None
+        if not callable(getattr(obj, "model", None)):
+            raise ConfigError("model.name", f"{cfg.model.name} has no model method")
+        return obj, obj.model
+    if not callable(target):
+        raise ConfigError("model.name", f"{cfg.model.name} is not callable")
+    return target, target
+
+
+def build_guide(cfg: TrainConfig, model_obj: Any, model: Callable) -> Callable:
+    name = cfg.guide.name
+    if name in AUTOGUIDES:
+        try:
+            return getattr(autoguide, name)(model, **cfg.guide.options)
+        except TypeError as e:
+            raise ConfigError("guide.options", f"{name}: {e}") from None
+    if name == "model":
+        if not callable(getattr(model_obj, "guide", None)):
+            raise ConfigError("guide.name", f"'model' needs a guide method on {cfg.model.name}")
+        return model_obj.guide
+    _, guide = import_target(name, "guide.name")
+    return guide
+
+
+def build_optim(cfg: TrainConfig) -> tuple[Any, Any]:
+    """The optimizer (a scheduler when ``schedule.name`` is set) and the scheduler or None."""
+    o = cfg.optim
+    base = {"lr": o.lr, **o.options}
+
+    def per_param(name: str) -> dict[str, Any]:
+        args = dict(base)
+        for prefix, extra in o.per_param.items():
+            if name.startswith(prefix):
+                args.update(extra)
+        return args
+
+    args: Any = per_param if o.per_param else base
+    if cfg.schedule.name == "none":
+        return getattr(optim_lib, o.name)(args), None
+    torch_optim = getattr(torch.optim, o.name)
+    scheduler = getattr(optim_lib, SCHEDULERS[cfg.schedule.name])(
+        {"optimizer": torch_optim, "optim_args": args, **cfg.schedule.options}
+    )
+    return scheduler, scheduler
+
+
+def build_job(cfg: TrainConfig, group: distributed.ProcessGroup) -> Job:
+    """Load the data and build model, guide, loss, optimizer and the data-parallel SVI.
+
+    The job owns the global param store: it starts empty.
+    """
+    distsvi.clear_param_store()
+    split = load_data(cfg.data)
+    check_batch(cfg, split.num_train + split.num_val, group.world_size)
+    split.train = tuple(t.to(group.device) for t in split.train)
+    split.val = tuple(t.to(group.device) for t in split.val)
+    model_obj, model = build_model(cfg)
+    if isinstance(model_obj, torch.nn.Module):
+        model_obj.to(group.device)
+    guide = build_guide(cfg, model_obj, model)
+    loss_cfg = cfg.loss
+    loss = LOSSES[loss_cfg.name](
+        num_particles=loss_cfg.num_particles,
+        vectorize_particles=loss_cfg.vectorize_particles,
+        max_plate_nesting=loss_cfg.max_plate_nesting
+        if loss_cfg.max_plate_nesting is not None
+        else float("inf"),
+    )
+    optim, scheduler = build_optim(cfg)
+    svi = SVI(model, guide, optim, loss)
+    dp = distributed.DataParallelSVI(
+        svi, group, shard_plates=("data",), bucket_cap_mb=cfg.dist.bucket_cap_mb, seed=cfg.run.seed
+    )
+    monitor = GradMonitor(svi.grad_hook, cfg.optim.clip_norm)
+    svi.grad_hook = monitor
+    replay = None
+    if group.is_distributed:
+        replay = svi.loss_and_grads = ReplayOnRerun(svi.loss_and_grads, cuda_devices(group))
+    loader = None
+    rows_per_step = cfg.run.batch_size * group.world_size
+    steps_per_epoch = max(1, split.num_train // rows_per_step)
+    if cfg.data.loader == "dataloader":
+        loader = DistributedLoader(
+            TensorDataset(*(t.cpu() for t in split.train)),
+            cfg.run.batch_size,
+            group,
+            seed=cfg.run.seed,
+        )
+        steps_per_epoch = len(loader)
+    total = cfg.run.steps if cfg.run.steps > 0 else cfg.run.epochs * steps_per_epoch
+    return Job(
+        cfg,
+        group,
+        split,
+        model_obj,
+        model,
+        guide,
+        optim,
+        scheduler,
+        svi,
+        dp,
+        monitor,
+        replay,
+        loader,
+        total,
+        steps_per_epoch,
+    )
+
+
+def validate(job: Job, seed: int) -> float:
+    """The full validation set's negative ELBO, summed over ranks' shards (invariant 7).
+
+    Its Monte-Carlo noise comes from its own seed, so validating does not move the
+    training random stream (a resumed run then draws what the uninterrupted one draws).
+    """
+    with torch.random.fork_rng(devices=cuda_devices(job.group)):
+        distsvi.set_rng_seed(rank_seed(seed, job.group.rank))
+        # The sharded "data" plate evaluates this rank's whole shard, whatever subsample_size says.
+        batch = min(job.cfg.run.batch_size, job.split.num_val)
+        return job.dp.evaluate_loss(*job.split.val, size=job.split.num_val, subsample_size=batch)
+
+
+def cuda_devices(group: distributed.ProcessGroup) -> list[int]:
+    return [group.device.index or 0] if group.device.type == "cuda" else []
+
+
+def posterior_predictive(job: Job, num_samples: int, seed: int) -> dict[str, torch.Tensor]:
+    """Samples of every model sample site on the validation rows (observations left free)."""
+    *inputs, _ = job.split.val
+    kwargs = {"size": job.split.num_val}
+    with torch.random.fork_rng(devices=cuda_devices(job.group)), torch.no_grad():
+        distsvi.set_rng_seed(seed)
+        guide_trace = poutine.trace(job.guide).get_trace(*inputs, None, **kwargs)
+        model_trace = poutine.trace(poutine.replay(job.model, trace=guide_trace)).get_trace(
+            *inputs, None, **kwargs
+        )
+        sites = [name for name, site in model_trace.nodes.items() if site["type"] == "sample"]
+        predictive = Predictive(
+            job.model, guide=job.guide, num_samples=num_samples, return_sites=sites
+        )
+        samples = predictive(*inputs, None, **kwargs)
+    return {k: v.detach().cpu() for k, v in samples.items()}
