@@ -185,7 +185,13 @@ def kl_divergence(p: _td.Distribution, q: _td.Distribution) -> torch.Tensor:
     Raises ``NotImplementedError`` when torch has no closed form for the pair.
     """
     p_base, p_mask = _unwrap_masked(p)
-    q_base, _ = _unwrap_masked(q)
+    q_base, q_mask = _unwrap_masked(q)
+    if (p_mask is None) != (q_mask is None):
+        # No closed form when only one side is masked (as in Pyro): callers fall back to
+        # the Monte-Carlo estimate.
+        raise NotImplementedError("KL between a masked and an unmasked distribution")
+    if p_mask is not None:
+        p_mask = p_mask & q_mask
     if isinstance(p_base, _td.Independent) and isinstance(q_base, _td.Independent):
         n = p_base.reinterpreted_batch_ndims
         if n == q_base.reinterpreted_batch_ndims:

@@ -12,6 +12,7 @@ Options may be a dict or a callable ``name -> dict`` (per-param options, as in P
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable, Iterable
 
@@ -99,7 +100,13 @@ class PyroOptim:
     def _args_for(self, name: str) -> dict:
         args = self.pt_optim_args
         if callable(args):
-            args = args(name)
+            # As in Pyro: one argument gets nn.Module-style names ("net.0.weight"); two get
+            # (module name, param name).
+            if len(inspect.signature(args).parameters) >= 2:
+                module, _, pname = name.rpartition("$$$")
+                args = args(module or None, pname)
+            else:
+                args = args(name.replace("$$$", "."))
             if not isinstance(args, dict):
                 raise TypeError(
                     f"per-param optim callable returned {args!r} for param {name!r}; "
