@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import dp_models as m
 import torch
 import torch.distributed
+from torch.utils.data import TensorDataset
 
 import distsvi as pyro
 import distsvi.distributions as dist
 from distsvi.distributed import (
     DataParallelSVI,
+    DistributedLoader,
     ProcessGroup,
     seed_rank,
 )
@@ -113,3 +117,153 @@ def every_loss(group: ProcessGroup, steps: int) -> dict:
         losses = [dp.step(x, y, batch=16) for _ in range(steps)]
         out[name] = {"losses": losses, "params": snapshot()}
     return out
+
+
+def rank_dependent_init(x, y, batch=None, idx=None):
+    rank = torch.distributed.get_rank()
+    w = pyro.param("w_loc", torch.full((x.shape[1],), float(rank + 1)))
+    b = pyro.param("b_loc", torch.tensor(-float(rank + 1)))
+    pyro.sample("w", dist.Delta(w).to_event(1))
+    pyro.sample("b", dist.Delta(b))
+
+
+def lazy_broadcast(group: ProcessGroup) -> dict:
+    seed_rank(0, group)
+    x, y = m.make_logistic()
+    dp = DataParallelSVI(
+        SVI(m.logistic_model, rank_dependent_init, SGD({"lr": 0.0}), Trace_ELBO()), group
+    )
+    dp.step(x, y, batch=16)
+    after_one = snapshot()
+    pyro.clear_param_store()
+    optim = Adam({"lr": 0.1})
+    dp = DataParallelSVI(SVI(m.logistic_model, rank_dependent_init, optim, Trace_ELBO()), group)
+    for _ in range(5):
+        dp.step(x, y, batch=16)
+    return {"after_one": after_one, "after_five": snapshot()}
+
+
+def _extra_param_on_rank_1(from_step: int):
+    calls = {"n": 0}
+
+    def guide(x, y, batch=None, idx=None):
+        calls["n"] += 1
+        m.logistic_delta_guide(x, y, batch, idx)
+        if torch.distributed.get_rank() == 1 and calls["n"] > from_step:
+            pyro.param("only_on_rank_1", torch.zeros(2))
+
+    return guide
+
+
+def mismatched_params(group: ProcessGroup, from_step: int) -> None:
+    seed_rank(0, group)
+    x, y = m.make_logistic()
+    guide = _extra_param_on_rank_1(from_step)
+    dp = DataParallelSVI(SVI(m.logistic_model, guide, Adam({"lr": 0.1}), Trace_ELBO()), group)
+    for _ in range(6):
+        dp.step(x, y, batch=16)
+
+
+def nan_on_rank_1(group: ProcessGroup, bad_steps: set[int], max_bad_steps: int) -> dict:
+    seed_rank(0, group)
+    x, y = m.make_logistic()
+    step = {"n": 0}
+
+    def guide(x, y, batch=None, idx=None):
+        w = pyro.param("w_loc", torch.zeros(x.shape[1]))
+        b = pyro.param("b_loc", torch.tensor(0.0))
+        if torch.distributed.get_rank() == 1 and step["n"] in bad_steps:
+            w = w * 1.0  # a finite loss, but a NaN gradient on rank 1 only
+            w.register_hook(lambda g: torch.full_like(g, math.nan))
+        pyro.sample("w", dist.Delta(w).to_event(1))
+        pyro.sample("b", dist.Delta(b))
+
+    dp = DataParallelSVI(
+        SVI(m.logistic_model, guide, Adam({"lr": 0.1}), Trace_ELBO()),
+        group,
+        max_bad_steps=max_bad_steps,
+    )
+    history = []
+    for n in range(1, 11):
+        step["n"] = n
+        dp.step(x, y, batch=16)
+        history.append(snapshot())
+    return {"history": history, "num_skipped": dp.num_skipped}
+
+
+def many_params_model(x, y, batch=None, idx=None):
+    loc = sum(pyro.param(f"p{i}", torch.full((250,), 0.01 * i)).sum() for i in range(200))
+    with pyro.plate("data", y.shape[0], subsample_size=batch, subsample=idx) as i:
+        pyro.sample("obs", dist.Normal(loc / 1000.0, 1.0), obs=y[i])
+
+
+def empty_guide(x, y, batch=None, idx=None):
+    pass
+
+
+def count_collectives(group: ProcessGroup, bucket_cap_mb: float) -> dict:
+    seed_rank(0, group)
+    y = torch.randn(64)
+    dp = DataParallelSVI(
+        SVI(many_params_model, empty_guide, Adam({"lr": 0.01}), Trace_ELBO()),
+        group,
+        bucket_cap_mb=bucket_cap_mb,
+    )
+    dp.step(None, y, batch=8)  # creates, checks and broadcasts the params
+    real = torch.distributed.all_reduce
+    calls = []
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return real(tensor, *args, **kwargs)
+
+    torch.distributed.all_reduce = counting
+    try:
+        for _ in range(3):
+            dp.step(None, y, batch=8)
+    finally:
+        torch.distributed.all_reduce = real
+    return {"calls": calls, "buckets": len(dp._buckets), "params": len(dp._layout)}
+
+
+def loader_vs_plate(group: ProcessGroup, steps: int, batch: int) -> dict:
+    x, y = m.make_logistic(n=1024)
+    out = {}
+    for path in ("plate", "loader"):
+        pyro.clear_param_store()
+        seed_rank(0, group)
+        dp = DataParallelSVI(
+            SVI(m.logistic_model, m.logistic_delta_guide, Adam({"lr": 0.05}), Trace_ELBO()),
+            group,
+            seed=7,
+        )
+        if path == "plate":
+            for _ in range(steps):
+                dp.step(x, y, batch=batch)
+        else:
+            loader = DistributedLoader(TensorDataset(x, y), batch, group, seed=7)
+            done = 0
+            while done < steps:
+                for idx, _ in loader:
+                    dp.step(x, y, idx=idx)
+                    done += 1
+                    if done == steps:
+                        break
+        out[path] = dp.evaluate_loss(x, y)
+    return out
+
+
+def validation(group: ProcessGroup) -> dict:
+    seed_rank(0, group)
+    x, y = m.make_logistic(n=512)
+    x_val, y_val = m.make_logistic(n=301, seed=9)  # not a multiple of 2: unequal shards
+    dp = DataParallelSVI(
+        SVI(m.logistic_model, m.logistic_delta_guide, Adam({"lr": 0.05}), Trace_ELBO()), group
+    )
+    for _ in range(3):
+        dp.step(x, y, batch=16)
+    return {
+        "state": pyro.get_param_store().get_state(),
+        "subsampled": dp.evaluate_loss(x_val, y_val, batch=16),
+        "whole": dp.evaluate_loss(x_val, y_val),
+    }
