@@ -238,3 +238,32 @@ def test_guide_and_model_shapes_disagree():
 
     with pytest.raises(ValueError, match="local"):
         _svi_step(model, guide)
+
+
+@pytest.fixture
+def validation_off():
+    pyro.enable_validation(False)
+    yield
+    pyro.enable_validation(True)
+
+
+def test_enable_validation_false_silences_model_guide_checks(validation_off):
+    """Pyro runs its model/guide checks only while validation is enabled."""
+
+    def model():
+        pyro.sample("unchecked_latent", dist.Normal(0.0, 1.0))
+        pyro.sample("y", dist.Normal(0.0, 1.0), obs=torch.tensor(0.0))
+
+    def guide():
+        pyro.param("loc", torch.tensor(0.0))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _svi_step(model, guide)
+
+
+def test_enable_validation_toggles_distribution_arg_checks(validation_off):
+    dist.Normal(0.0, -1.0)  # no check while validation is off
+    pyro.enable_validation(True)
+    with pytest.raises(ValueError):
+        dist.Normal(0.0, -1.0)
