@@ -147,7 +147,7 @@ class AutoContinuous(AutoGuide):
     def median(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         self._ensure_prototype(args, kwargs)
         loc, _ = self._loc_scale()
-        return {b.name: b.transform(u) for b, u in self._unpack(loc)}
+        return {b.name: b.transform(u).detach().clone() for b, u in self._unpack(loc)}
 
     @torch.no_grad()
     def quantiles(self, quantiles: list[float], *args: Any, **kwargs: Any) -> dict:
@@ -158,7 +158,7 @@ class AutoContinuous(AutoGuide):
         result: dict[str, list] = {}
         for latent in latents:
             for b, u in self._unpack(latent):
-                result.setdefault(b.name, []).append(b.transform(u))
+                result.setdefault(b.name, []).append(b.transform(u).detach())
         return {k: torch.stack(v) for k, v in result.items()}
 
 
