@@ -141,3 +141,28 @@ def test_pyro_distribution_object_is_accepted():
 
     loss = SVI(model, guide, Adam({"lr": 0.1}), Trace_ELBO()).step()
     assert math.isfinite(loss)
+
+
+def test_mask_then_to_event_and_to_event_then_mask():
+    x = torch.tensor([[0.5, -1.0], [2.0, 0.0]])
+    base = torch.distributions.Normal(0.0, 1.0).log_prob(x)
+    m = torch.tensor([[True, False], [True, True]])
+    d1 = dist.Normal(torch.zeros(2, 2), 1.0).mask(m).to_event(1)
+    torch.testing.assert_close(d1.log_prob(x), (base * m).sum(-1))
+    row = torch.tensor([False, True])
+    d2 = dist.Normal(torch.zeros(2, 2), 1.0).to_event(1).mask(row)
+    torch.testing.assert_close(d2.log_prob(x), base.sum(-1) * row)
+    d3 = dist.Normal(0.0, 1.0).mask(torch.tensor([True, False])).expand([3, 2])
+    assert d3.batch_shape == (3, 2)
+    torch.testing.assert_close(
+        d3.log_prob(torch.zeros(3, 2)),
+        torch.distributions.Normal(0.0, 1.0).log_prob(torch.zeros(3, 2)) * torch.tensor([1.0, 0.0]),
+    )
+
+
+def test_shapes_of_samples_and_log_probs():
+    d = dist.Normal(torch.zeros(3), 1.0).expand_by([2]).to_event(1)
+    assert d.sample().shape == (2, 3)
+    assert d.sample((4,)).shape == (4, 2, 3)
+    assert d.log_prob(d.sample((4,))).shape == (4, 2)
+    assert d.shape() == (2, 3) and d.shape((5,)) == (5, 2, 3)
