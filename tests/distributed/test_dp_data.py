@@ -15,14 +15,14 @@ from distsvi.infer import Trace_ELBO
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
 
-def test_dataloader_path_and_plate_path_reach_the_same_elbo():
-    r0, r1 = ok(run_ranks(w.loader_vs_plate, 150, 32))
+def test_dataloader_path_and_plate_path_reach_the_same_elbo(backend):
+    r0, r1 = ok(run_ranks(w.loader_vs_plate, 150, 32, backend=backend))
     assert r0 == r1
     assert abs(r0["loader"] - r0["plate"]) < 0.01 * abs(r0["plate"]), r0
 
 
-def test_evaluate_loss_is_the_full_validation_loss(float64):
-    r0, r1 = ok(run_ranks(w.validation, dtype=torch.float64))
+def test_evaluate_loss_is_the_full_validation_loss(float64, backend):
+    r0, r1 = ok(run_ranks(w.validation, dtype=torch.float64, backend=backend))
     assert r0["subsampled"] == r1["subsampled"] and r0["whole"] == r1["whole"]
     pyro.get_param_store().set_state(r0["state"])
     x_val, y_val = m.make_logistic(n=301, seed=9)

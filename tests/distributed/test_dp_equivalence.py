@@ -20,9 +20,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
 
 @pytest.mark.parametrize("name", ["logistic", "hierarchical"])
-def test_two_ranks_step_as_one_process_on_the_union(name, float64):
+def test_two_ranks_step_as_one_process_on_the_union(name, float64, backend):
     steps, batch = 20, 16
-    r0, r1 = ok(run_ranks(w.equivalence, name, steps, batch, dtype=torch.float64))
+    r0, r1 = ok(run_ranks(w.equivalence, name, steps, batch, dtype=torch.float64, backend=backend))
     assert_same(r0["params"], r1["params"])
 
     make, model = w.MODELS[name]
@@ -39,9 +39,11 @@ def test_two_ranks_step_as_one_process_on_the_union(name, float64):
         assert not torch.equal(v, torch.zeros_like(v)), f"{n} never moved"
 
 
-def test_two_rank_loss_is_unbiased_for_the_full_data_loss(float64):
+def test_two_rank_loss_is_unbiased_for_the_full_data_loss(float64, backend):
     steps = 200
-    r0, r1 = ok(run_ranks(w.losses_at_fixed_params, steps, 16, dtype=torch.float64))
+    r0, r1 = ok(
+        run_ranks(w.losses_at_fixed_params, steps, 16, dtype=torch.float64, backend=backend)
+    )
     assert r0 == r1, "ranks must report the same averaged loss"
     x, y = m.make_logistic()
     pyro.clear_param_store()

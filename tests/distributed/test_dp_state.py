@@ -12,8 +12,8 @@ from dp_harness import RankError, ok, run_ranks
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
 
-def test_params_and_optimizer_state_bitwise_identical_after_50_steps():
-    r0, r1 = ok(run_ranks(w.identical_state, 50))
+def test_params_and_optimizer_state_bitwise_identical_after_50_steps(backend):
+    r0, r1 = ok(run_ranks(w.identical_state, 50, backend=backend))
     assert_same(r0["params"], r1["params"])
     assert_same(r0["optim"], r1["optim"])
     assert torch.is_tensor(r0["optim"]["AutoNormal.locs.z"]["state"]["exp_avg"])
@@ -21,8 +21,8 @@ def test_params_and_optimizer_state_bitwise_identical_after_50_steps():
     assert not torch.equal(r0["noise"], r1["noise"]), "Monte-Carlo noise must differ per rank"
 
 
-def test_new_params_take_rank_0_values():
-    r0, r1 = ok(run_ranks(w.lazy_broadcast))
+def test_new_params_take_rank_0_values(backend):
+    r0, r1 = ok(run_ranks(w.lazy_broadcast, backend=backend))
     # lr=0: after the step both ranks hold rank 0's initial values, not their own.
     assert_same(r0["after_one"], r1["after_one"])
     assert torch.equal(r0["after_one"]["w_loc"], torch.full((4,), 1.0))
@@ -32,16 +32,16 @@ def test_new_params_take_rank_0_values():
 
 
 @pytest.mark.parametrize("from_call", [0, 4], ids=["first-step", "later-step"])
-def test_param_created_on_one_rank_fails_on_every_rank_with_its_name(from_call):
-    results = run_ranks(w.mismatched_params, from_call, timeout=60)
+def test_param_created_on_one_rank_fails_on_every_rank_with_its_name(from_call, backend):
+    results = run_ranks(w.mismatched_params, from_call, timeout=60, backend=backend)
     for rank, r in enumerate(results):
         assert isinstance(r, RankError), f"rank {rank} did not fail"
         assert r.type == "RuntimeError", r.traceback
         assert "only_on_rank_1" in r.message and "differ across ranks" in r.message
 
 
-def test_nan_gradient_on_one_rank_skips_the_step_on_both():
-    r0, r1 = ok(run_ranks(w.nan_on_rank_1, {5}, 3))
+def test_nan_gradient_on_one_rank_skips_the_step_on_both(backend):
+    r0, r1 = ok(run_ranks(w.nan_on_rank_1, {5}, 3, backend=backend))
     for r in (r0, r1):
         h = r["history"]  # h[k] is the state after step k + 1
         assert_same(h[3], h[4])  # step 5 skipped
@@ -51,16 +51,16 @@ def test_nan_gradient_on_one_rank_skips_the_step_on_both():
     assert_same(r0["history"], r1["history"])
 
 
-def test_too_many_non_finite_steps_in_a_row_stop_every_rank():
-    results = run_ranks(w.nan_on_rank_1, set(range(3, 11)), 3, timeout=60)
+def test_too_many_non_finite_steps_in_a_row_stop_every_rank(backend):
+    results = run_ranks(w.nan_on_rank_1, set(range(3, 11)), 3, timeout=60, backend=backend)
     for r in results:
         assert isinstance(r, RankError) and r.type == "FloatingPointError", r
         assert "3 steps in a row" in r.message
 
 
 @pytest.mark.parametrize("cap_mb", [25.0, 0.05])
-def test_one_collective_per_bucket_not_per_param(cap_mb):
-    r0, r1 = ok(run_ranks(w.count_collectives, cap_mb))
+def test_one_collective_per_bucket_not_per_param(cap_mb, backend):
+    r0, r1 = ok(run_ranks(w.count_collectives, cap_mb, backend=backend))
     assert r0["params"] == 200
     expected_buckets = 1 if cap_mb == 25.0 else 4  # 200 params of 1000 bytes, 52 per bucket
     for r in (r0, r1):
@@ -68,8 +68,8 @@ def test_one_collective_per_bucket_not_per_param(cap_mb):
         assert len(r["calls"]) == 3 * expected_buckets, r["calls"]  # 3 steps
 
 
-def test_every_loss_keeps_ranks_identical():
-    r0, r1 = ok(run_ranks(w.every_loss, 10))
+def test_every_loss_keeps_ranks_identical(backend):
+    r0, r1 = ok(run_ranks(w.every_loss, 10, backend=backend))
     assert r0.keys() == {"Trace_ELBO", "TraceMeanField_ELBO", "TraceGraph_ELBO"}
     for name in r0:
         assert_same(r0[name], r1[name])
