@@ -186,6 +186,9 @@ class ShardedPlates(Messenger):
         drawn = self._drawn.get(name)
         return None if drawn is None else drawn[0]
 
+    # Under SVI(compile=True) the draw runs eagerly: traced, it would be recompiled for
+    # every new data position.
+    @torch.compiler.disable
     def process_message(self, msg: dict[str, Any]) -> None:
         if msg["type"] != "subsample" or msg["name"] not in self.plates:
             return
