@@ -69,9 +69,15 @@ class Job:
         if self.replay is not None:
             self.replay.begin_step()
         if self.loader is None:  # the "data" plate draws this rank's rows (ShardedPlates)
-            loss = self.dp.step(
-                *self.split.train, size=size, subsample_size=self.cfg.run.batch_size
-            )
+            data, batch = self.split.train, self.cfg.run.batch_size
+            if self.group.is_distributed:
+                loss = self.dp.step(*data, size=size, subsample_size=batch)
+            else:
+                # One process walks an epoch permutation as the ranks do, instead of the
+                # plate's randperm(N) per step, which costs more than the step for large N.
+                self.dp.shards.next_step()
+                with self.dp.shards:
+                    loss = self.dp.step(*data, size=size, subsample_size=batch)
         else:
             idx, batch = self._next_batch()
             loss = self.dp.step(*batch, size=size, subsample=idx)

@@ -3,6 +3,8 @@ two nodes. One 2-process reference run is shared by the tests that compare with 
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import os
 import signal
 import subprocess
@@ -170,25 +172,26 @@ def test_two_nodes_on_one_machine(reference, tmp_path):
     assert_params_close(final_params(reference / "ck"), final_params(tmp_path / "ck"))
 
 
-def test_launcher_builds_torchrun_commands(capsys):
+def _launcher():
+    loader = importlib.machinery.SourceFileLoader("distsvi_launch", str(LAUNCH))
+    spec = importlib.util.spec_from_loader("distsvi_launch", loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["distsvi_launch"] = module  # dataclasses look their module up there
+    loader.exec_module(module)
+    return module
+
+
+def test_launcher_builds_torchrun_commands(capsys, monkeypatch):
+    launcher = _launcher()
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+
     def dry(*args: str) -> str:
-        proc = subprocess.run(
-            [sys.executable, str(LAUNCH), "--dry-run", *args, "quickstart", "run.batch_size=8"],
-            env={**env(), "OMP_NUM_THREADS": "3"},
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert proc.returncode == 0, proc.stderr
-        return proc.stdout
+        assert launcher.main(["--dry-run", *args, "quickstart", "run.batch_size=8"]) == 0
+        return capsys.readouterr().out
 
     single = dry("--nproc-per-node", "2")
-    assert (
-        "--standalone" in single
-        and "--nproc-per-node=2" in single
-        and "-m distsvi.cli train quickstart run.batch_size=8" in single
-    )
+    assert "--standalone" in single and "--nproc-per-node=2" in single
+    assert "-m distsvi.cli train quickstart run.batch_size=8" in single
     multi = dry(
         "--nnodes",
         "2",
@@ -199,38 +202,17 @@ def test_launcher_builds_torchrun_commands(capsys):
         "--max-restarts",
         "3",
     )
-    assert (
-        "--rdzv-backend=c10d" in multi
-        and "--rdzv-endpoint=host:29500" in multi
-        and "--max-restarts=3" in multi
-    )
-    assert "--standalone" not in multi
+    assert "--rdzv-backend=c10d" in multi and "--rdzv-endpoint=host:29500" in multi
+    assert "--max-restarts=3" in multi and "--standalone" not in multi
+    with pytest.raises(SystemExit):
+        launcher.main(["--nnodes", "2", "quickstart"])  # no rendezvous endpoint
+    assert "--rdzv-endpoint" in capsys.readouterr().err
 
 
-def test_launcher_announces_threads_and_checks_config():
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(LAUNCH),
-            "--dry-run",
-            "--nproc-per-node",
-            "2",
-            "quickstart",
-            "optim.lr=-1",
-        ],
-        env={k: v for k, v in env().items() if k != "OMP_NUM_THREADS"},
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 2 and "optim.lr" in proc.stderr
-    proc = subprocess.run(
-        [sys.executable, str(LAUNCH), "--dry-run", "--nproc-per-node", "2", "quickstart"],
-        env={k: v for k, v in env().items() if k != "OMP_NUM_THREADS"},
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0 and "OMP_NUM_THREADS=" in proc.stderr
+def test_launcher_announces_threads_and_checks_config(capsys, monkeypatch):
+    launcher = _launcher()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert launcher.main(["--dry-run", "--nproc-per-node", "2", "quickstart", "optim.lr=-1"]) == 2
+    assert "optim.lr" in capsys.readouterr().err
+    assert launcher.main(["--dry-run", "--nproc-per-node", "2", "quickstart"]) == 0
+    assert "OMP_NUM_THREADS=" in capsys.readouterr().err
