@@ -186,12 +186,14 @@ class ShardedPlates(Messenger):
         drawn = self._drawn.get(name)
         return None if drawn is None else drawn[0]
 
+    def process_message(self, msg: dict[str, Any]) -> None:
+        if msg["type"] == "subsample" and msg["name"] in self.plates:
+            self._fill(msg)
+
     # Under SVI(compile=True) the draw runs eagerly: traced, it would be recompiled for
     # every new data position.
     @torch.compiler.disable
-    def process_message(self, msg: dict[str, Any]) -> None:
-        if msg["type"] != "subsample" or msg["name"] not in self.plates:
-            return
+    def _fill(self, msg: dict[str, Any]) -> None:
         name = msg["name"]
         drawn = self._drawn.get(name)
         if msg["value"] is not None and (drawn is None or msg["value"] is not drawn[0]):
