@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import ExitStack
 from typing import Any
 
 import torch
@@ -20,7 +19,7 @@ from torch.distributions import biject_to, constraints
 from ... import distributions as dist
 from ... import primitives
 from ...params import _PARAM_STORE
-from .guides import AutoGuide, _enter, _sum_rightmost
+from .guides import AutoGuide, _in_plates, _sum_rightmost
 from .initialization import InitFn, init_to_median
 
 
@@ -137,8 +136,7 @@ class AutoContinuous(AutoGuide):
             log_density = _sum_rightmost(
                 log_density, log_density.dim() - value.dim() + b.fn_event_dim
             )
-            with ExitStack() as stack:
-                _enter(stack, plates, b.plate_dims)
+            with _in_plates(plates, b.plate_dims):
                 delta = dist.Delta(value, log_density, event_dim=b.fn_event_dim)
                 result[b.name] = primitives.sample(b.name, delta)
         return result

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from typing import Any
 
 import torch
@@ -245,9 +245,23 @@ def _select(x: torch.Tensor, plate_dims: tuple, plates: dict, subsampled: set) -
     return x
 
 
-def _enter(stack: ExitStack, plates: dict, plate_dims: tuple) -> None:
-    for name, _ in plate_dims:
-        stack.enter_context(plates[name])
+_NO_PLATES = nullcontext()
+
+
+def _in_plates(plates: dict, plate_dims: tuple) -> Any:
+    """A context that enters the site's plates (most sites have none or one)."""
+    if not plate_dims:
+        return _NO_PLATES
+    if len(plate_dims) == 1:
+        return plates[plate_dims[0][0]]
+    stack = ExitStack()
+    try:
+        for name, _ in plate_dims:
+            stack.enter_context(plates[name])
+    except BaseException:
+        stack.close()
+        raise
+    return stack
 
 
 class _NormalSite:
@@ -270,7 +284,8 @@ class AutoNormal(AutoGuide):
     Params are ``"AutoNormal.locs.<site>"`` and ``"AutoNormal.scales.<site>"``. A site with
     real support is sampled directly from its Normal; any other site is sampled as the
     auxiliary ``"<site>_unconstrained"`` and mapped into its support by a ``Delta``
-    carrying the Jacobian, as in Pyro.
+    carrying the Jacobian, as in Pyro. Scales are ``constraints.positive`` params (stored as
+    their log; Pyro uses a softplus), so a saved store holds only torch's constraints.
 
     :param model: the model.
     :param init_loc_fn: where the locs start (an ``init_to_*`` strategy).
@@ -329,8 +344,7 @@ class AutoNormal(AutoGuide):
                 loc = _select(loc, s.plate_dims, plates, subsampled)
                 scale = _select(scale, s.plate_dims, plates, subsampled)
             q = dist.Normal(loc, scale, validate_args=False).to_event(s.event_dim)
-            with ExitStack() as stack:
-                _enter(stack, plates, s.plate_dims)
+            with _in_plates(plates, s.plate_dims):
                 if s.transform is None:
                     result[s.name] = sample(s.name, q)
                     continue
@@ -416,8 +430,7 @@ class AutoDelta(AutoGuide):
             value = primitives.param(s.param, s.init, s.support, s.event_dim)
             if subsampled:
                 value = _select(value, s.plate_dims, plates, subsampled)
-            with ExitStack() as stack:
-                _enter(stack, plates, s.plate_dims)
+            with _in_plates(plates, s.plate_dims):
                 result[s.name] = primitives.sample(s.name, dist.Delta(value, event_dim=s.event_dim))
         return result
 
