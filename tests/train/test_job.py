@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from train_helpers import CONFIGS, assert_params_close, dirs, final_params, run_cli, scalars
+from train_helpers import CONFIGS, REPO, assert_params_close, dirs, final_params, run_cli, scalars
 
 from distsvi import cli
 from distsvi.train import checkpoint
@@ -183,3 +183,16 @@ def test_shipped_models_run(tmp_path, config, overrides):
     )
     found = scalars(tmp_path / "tb")
     assert all(torch.isfinite(torch.tensor(list(found["loss/train"].values()))))
+
+
+def test_readme_own_model_example_runs(tmp_path):
+    """The README's "Your own model" file and config, as written there."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### Your own model") :]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    config = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert code.startswith("# my_model.py")
+    (tmp_path / "my_model.py").write_text(code)
+    (tmp_path / "job.yaml").write_text(config)
+    train(str(tmp_path / "job.yaml"), "run.steps=50", "run.progress=none", *dirs(tmp_path / "out"))
+    assert scalars(tmp_path / "out" / "tb")["loss/val"]
