@@ -26,7 +26,15 @@ def model(P, x):
         P.pyro.sample("x", P.dist.Normal(z, sigma), obs=x[idx])
 
 
-def run(P, loss: str, elbo_kwargs: dict) -> list:
+def full_model(P, x):
+    mu = P.pyro.sample("mu", P.dist.Normal(0.0, 3.0))
+    sigma = P.pyro.sample("sigma", P.dist.LogNormal(0.0, 1.0))
+    with P.pyro.plate("data", N):
+        z = P.pyro.sample("z", P.dist.Normal(mu, 1.0))
+        P.pyro.sample("x", P.dist.Normal(z, sigma), obs=x)
+
+
+def run(P, loss: str, elbo_kwargs: dict, guide_name: str = "AutoNormal", fn=model) -> list:
     from importlib import import_module
 
     autoguide = import_module(f"{P.name}.infer.autoguide")
@@ -34,9 +42,9 @@ def run(P, loss: str, elbo_kwargs: dict) -> list:
     torch.manual_seed(0)
 
     def bound(x):
-        return model(P, x)
+        return fn(P, x)
 
-    guide = autoguide.AutoNormal(bound)
+    guide = getattr(autoguide, guide_name)(bound)
     elbo = getattr(P.infer, loss)(**elbo_kwargs)
     store = P.pyro.get_param_store()
     calls = []
@@ -46,13 +54,22 @@ def run(P, loss: str, elbo_kwargs: dict) -> list:
         for name, u in store.named_parameters():
             c = store[name].detach()
             grad = u.grad
-            if ".scales." in name:  # d loss / d scale = d loss / d u / (d scale / d u)
+            if ".scale" in name:  # d loss / d scale = d loss / d u / (d scale / d u)
                 grad = grad / (c if P.name == "distsvi" else torch.sigmoid(u.detach()))
             params[name] = (c.clone(), grad.clone())
             u.grad = None
         calls.append((float(value), params))
     P.pyro.clear_param_store()
     return calls
+
+
+def assert_same_calls(got: list, want: list) -> None:
+    for call, ((want_loss, want_params), (got_loss, got_params)) in enumerate(zip(want, got)):
+        assert_close(got_loss, want_loss, f"loss, call {call}")
+        assert set(got_params) == set(want_params)
+        for name, (want_value, want_grad) in want_params.items():
+            assert_close(got_params[name][0], want_value, f"{name}, call {call}")
+            assert_close(got_params[name][1], want_grad, f"gradient of {name}, call {call}")
 
 
 @pytest.mark.parametrize(
@@ -66,9 +83,14 @@ def run(P, loss: str, elbo_kwargs: dict) -> list:
 )
 def test_autonormal_matches_pyro(loss, elbo_kwargs):
     want, got = (run(P, loss, elbo_kwargs) for P in both())
-    for call, ((want_loss, want_params), (got_loss, got_params)) in enumerate(zip(want, got)):
-        assert_close(got_loss, want_loss, f"loss, call {call}")
-        assert set(got_params) == set(want_params)
-        for name, (want_value, want_grad) in want_params.items():
-            assert_close(got_params[name][0], want_value, f"{name}, call {call}")
-            assert_close(got_params[name][1], want_grad, f"gradient of {name}, call {call}")
+    assert_same_calls(got, want)
+
+
+@pytest.mark.parametrize(
+    "guide_name, fn",
+    [("AutoDelta", model), ("AutoDiagonalNormal", full_model)],
+    ids=["AutoDelta", "AutoDiagonalNormal"],
+)
+def test_other_autoguides_match_pyro(guide_name, fn):
+    want, got = (run(P, "Trace_ELBO", {}, guide_name, fn) for P in both())
+    assert_same_calls(got, want)
