@@ -425,6 +425,36 @@ def conditioned_guide(B, x):
     hier_guide(B, x, GIDX)
 
 
+def nested_random_model(B, data):
+    mu = B.pyro.sample("mu", B.dist.Normal(0.0, 5.0))
+    with B.pyro.plate("groups", G, subsample_size=3, dim=-1) as g:
+        theta = B.pyro.sample("theta", B.dist.Normal(mu, 1.0))
+        with B.pyro.plate("obs", M, subsample_size=2, dim=-2) as o:
+            B.pyro.sample("x", B.dist.Normal(theta, 1.0), obs=data[o][:, g])
+
+
+def nested_random_guide(B, data):
+    mu_loc = B.pyro.param("mu_loc", torch.tensor(0.5))
+    B.pyro.sample("mu", fixed_normal(B, mu_loc, torch.tensor(0.4), eps(5)))
+    t_loc = B.pyro.param("t_loc", torch.linspace(0.0, 1.0, G))
+    with B.pyro.plate("groups", G, subsample_size=3, dim=-1) as g:
+        B.pyro.sample("theta", fixed_normal(B, t_loc[g], torch.tensor(0.3), eps(10, G)[g]))
+    with B.pyro.plate("obs", M, subsample_size=2, dim=-2):
+        pass  # drawn in the guide, replayed into the model
+
+
+WEIGHTS = torch.linspace(0.5, 2.0, N, dtype=D)
+
+
+def weighted_model(B, x, w):
+    mu = B.pyro.sample("mu", B.dist.Normal(0.0, 10.0))
+    target = B.pyro.param("target", torch.tensor(0.3))
+    with B.pyro.plate("data", len(x)), B.poutine.scale(scale=w):
+        B.pyro.sample("obs", B.dist.Normal(mu, 1.0), obs=x)
+    # an observation that depends on a param: its gradient flows through the value
+    B.pyro.sample("pseudo", B.dist.Normal(mu, 2.0), obs=2.0 * target)
+
+
 # ----------------------------------------------------------------------------------- cases
 
 
@@ -472,6 +502,12 @@ CASES = {
     ),
     "sequential_plate": Case(sequential_plate_model, sequential_plate_guide, (Y_NORMAL, IDX)),
     "model_conditioned_on_a_guide_latent": Case(conditioned_model, conditioned_guide, (HIER_DATA,)),
+    "nested_random_subsamples_replayed": Case(
+        nested_random_model, nested_random_guide, (HIER_DATA,)
+    ),
+    "weighted_obs_and_param_dependent_obs": Case(
+        weighted_model, lambda B, x, w: conjugate_guide(B, x), (Y_NORMAL, WEIGHTS)
+    ),
     "factor_and_deterministic": Case(factor_model, conjugate_guide, (Y_NORMAL,)),
     "delta_guide_map": Case(map_model, map_guide, (Y_NORMAL,)),
     "mvn_lower_cholesky_guide": Case(mvn_model, mvn_guide, (Y2,)),
