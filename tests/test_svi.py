@@ -167,3 +167,27 @@ def test_step_without_any_param():
     svi = SVI(m, g, Adam({"lr": 0.1}), Trace_ELBO())
     assert math.isfinite(svi.step())
     assert math.isfinite(svi.evaluate_loss())
+
+
+def test_a_failing_step_leaves_no_state_behind():
+    """An exception inside plates and handlers must not leak handlers or plate dims."""
+    calls = {"n": 0}
+
+    def m(data=DATA):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("outer", 2, dim=-2), pyro.plate("data", len(data)):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("user code failed")
+            pyro.sample("obs", dist.Normal(mu, 1.0), obs=data)
+
+    svi = SVI(m, guide, SGD({"lr": 0.1}), Trace_ELBO())
+    with pytest.raises(RuntimeError, match="user code failed"):
+        svi.step()
+    from distsvi.poutine.runtime import am_i_wrapped
+
+    assert not am_i_wrapped()
+    assert math.isfinite(svi.step())
+    with pyro.plate("fresh", 3) as idx:  # dim -1 is free again
+        x = pyro.sample("x", dist.Normal(0.0, 1.0))
+    assert x.shape == (3,) and len(idx) == 3
