@@ -455,6 +455,14 @@ def weighted_model(B, x, w):
     B.pyro.sample("pseudo", B.dist.Normal(mu, 2.0), obs=2.0 * target)
 
 
+def delta_log_density_guide(B, x):
+    loc = B.pyro.param("loc", torch.tensor(0.3))
+    scale = B.pyro.param("scale", torch.tensor(0.8), constraint=B.constraints.positive)
+    value = loc + scale * eps(0)
+    log_q = torch.distributions.Normal(loc, scale).log_prob(value)  # a reparameterised Normal
+    B.pyro.sample("mu", B.dist.Delta(value, log_density=log_q))
+
+
 # ----------------------------------------------------------------------------------- cases
 
 
@@ -508,6 +516,7 @@ CASES = {
     "weighted_obs_and_param_dependent_obs": Case(
         weighted_model, lambda B, x, w: conjugate_guide(B, x), (Y_NORMAL, WEIGHTS)
     ),
+    "delta_with_log_density": Case(conjugate_model, delta_log_density_guide, (Y_NORMAL,)),
     "factor_and_deterministic": Case(factor_model, conjugate_guide, (Y_NORMAL,)),
     "delta_guide_map": Case(map_model, map_guide, (Y_NORMAL,)),
     "mvn_lower_cholesky_guide": Case(mvn_model, mvn_guide, (Y2,)),
