@@ -273,6 +273,9 @@ def build_job(cfg: TrainConfig, group: distributed.ProcessGroup) -> Job:
             cfg.run.batch_size,
             group,
             seed=cfg.run.seed,
+            # Each new iterator draws a seed; from its own generator, not the training
+            # stream, so that resuming mid-epoch draws what the uninterrupted run draws.
+            generator=torch.Generator().manual_seed(cfg.run.seed),
         )
         steps_per_epoch = len(loader)
     total = cfg.run.steps if cfg.run.steps > 0 else cfg.run.epochs * steps_per_epoch

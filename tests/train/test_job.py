@@ -37,18 +37,23 @@ def test_quickstart_readme_command(tmp_path):
     assert (tmp_path / "ck" / "config.yaml").is_file()
 
 
-def test_resume_repeats_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["data.loader=dataloader", "schedule.name=exponential", "schedule.options.gamma=0.995"]],
+    ids=["memory", "dataloader-schedule"],
+)
+def test_resume_repeats_the_uninterrupted_run(tmp_path, extra):
     """Must show 3, one process: 200 steps == 100 steps, then resume to 200 (AutoNormal)."""
     common = ["run.log_every=1", "run.val_every=40", "checkpoint.every=50", "run.progress=none"]
-    train(str(CONFIGS / "quickstart.yaml"), "run.steps=200", *common, *dirs(tmp_path / "a"))
-    train(str(CONFIGS / "quickstart.yaml"), "run.steps=100", *common, *dirs(tmp_path / "b"))
-    train(str(CONFIGS / "quickstart.yaml"), "run.steps=200", *common, *dirs(tmp_path / "b"))
+    config = str(CONFIGS / "quickstart.yaml")
+    train(config, "run.steps=200", *common, *extra, *dirs(tmp_path / "a"))
+    train(config, "run.steps=100", *common, *extra, *dirs(tmp_path / "b"))
+    train(config, "run.steps=200", *common, *extra, *dirs(tmp_path / "b"))
     assert_params_close(final_params(tmp_path / "a" / "ck"), final_params(tmp_path / "b" / "ck"))
-    a, b = (
-        scalars(tmp_path / "a" / "tb")["loss/train"],
-        scalars(tmp_path / "b" / "tb")["loss/train"],
-    )
-    assert [a[s] for s in range(101, 201)] == [b[s] for s in range(101, 201)]
+    a = scalars(tmp_path / "a" / "tb")
+    b = scalars(tmp_path / "b" / "tb")
+    for tag in ("loss/train", "optim/lr"):
+        assert [a[tag][s] for s in range(101, 201)] == [b[tag][s] for s in range(101, 201)]
 
 
 def test_checkpoint_content_loads_with_weights_only(tmp_path):
@@ -174,8 +179,9 @@ def test_eval_matches_logged_validation_loss(tmp_path, capsys):
                 "optim.clip_norm=5.0",
             ],
         ),
+        ("quickstart.yaml", ["run.steps=0", "run.epochs=2"]),
     ],
-    ids=["gmm-tracegraph", "hierarchical-1e6", "dataloader", "schedule-clip"],
+    ids=["gmm-tracegraph", "hierarchical-1e6", "dataloader", "schedule-clip", "epochs"],
 )
 def test_shipped_models_run(tmp_path, config, overrides):
     train(
@@ -183,6 +189,8 @@ def test_shipped_models_run(tmp_path, config, overrides):
     )
     found = scalars(tmp_path / "tb")
     assert all(torch.isfinite(torch.tensor(list(found["loss/train"].values()))))
+    if "run.epochs=2" in overrides:  # 455 training rows, 64 a step: 7 steps an epoch
+        assert max(found["loss/train"]) == 14
 
 
 def test_readme_own_model_example_runs(tmp_path):
@@ -196,3 +204,30 @@ def test_readme_own_model_example_runs(tmp_path):
     (tmp_path / "job.yaml").write_text(config)
     train(str(tmp_path / "job.yaml"), "run.steps=50", "run.progress=none", *dirs(tmp_path / "out"))
     assert scalars(tmp_path / "out" / "tb")["loss/val"]
+
+
+def test_grad_monitor_clips_and_skips_non_finite():
+    from distsvi.train.job import GradMonitor
+
+    p = torch.zeros(3, requires_grad=True)
+    p.grad = torch.tensor([3.0, 4.0, 0.0])
+    monitor = GradMonitor(None, clip_norm=1.0)
+    loss = torch.tensor(2.0)
+    assert monitor(loss, {"p": p}) is loss
+    assert float(monitor.grad_norm) == pytest.approx(5.0)
+    torch.testing.assert_close(p.grad, torch.tensor([0.6, 0.8, 0.0]), rtol=1e-5, atol=1e-6)
+    p.grad = torch.tensor([float("nan"), 1.0, 0.0])
+    assert monitor(loss, {"p": p}) is None
+    assert monitor.skipped == 1
+
+
+def test_per_param_options_by_name_prefix():
+    from distsvi.train.config import load_config
+    from distsvi.train.job import build_optim
+
+    cfg = load_config("quickstart")
+    cfg.optim.per_param = {"AutoNormal.scales": {"lr": 0.001}}
+    optim, scheduler = build_optim(cfg)
+    assert scheduler is None
+    assert optim._args_for("AutoNormal.scales.w")["lr"] == 0.001
+    assert optim._args_for("AutoNormal.locs.w")["lr"] == cfg.optim.lr
