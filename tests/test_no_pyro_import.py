@@ -3,15 +3,14 @@
 import subprocess
 import sys
 
-CODE = "; ".join(
-    [
-        "import distsvi, sys",
-        "assert 'pyro' not in sys.modules",  # the issue's literal check
-        "import distsvi.infer, distsvi.optim, distsvi.poutine, distsvi.distributions",
-        "bad = sorted(m for m in sys.modules if m == 'pyro' or m.startswith('pyro.'))",
-        "assert not bad, bad",
-    ]
-)
+CODE = """
+import sys
+import distsvi
+assert 'pyro' not in sys.modules  # the issue's literal check
+import distsvi.distributions, distsvi.infer, distsvi.optim, distsvi.poutine
+bad = sorted(m for m in sys.modules if m == 'pyro' or m.startswith('pyro.'))
+assert not bad, bad
+"""
 
 
 def test_import_distsvi_does_not_import_pyro():
