@@ -237,7 +237,7 @@ def test_scheduler_matches_torch(name):
     def step(sched, loss):
         sched.step(loss) if plateau else sched.step()
 
-    _run(getattr(optim, name)(args), 7, lambda o, i, loss: step(o, loss))
+    _run(getattr(optim, name)(dict(args)), 7, lambda o, i, loss: step(o, loss))  # Pyro pops keys
     want = _by_hand(lambda ps: torch.optim.SGD(ps, **args["optim_args"]), 7, make_sched, step)
     _assert_params(want)
 
