@@ -350,3 +350,40 @@ def test_resume_from_saved_optimizer_state(name, tmp_path):
     got = {n: p.detach().clone() for n, p in unconstrained(B).items()}
     assert_close(losses, want_losses, f"{name}: losses across a save/load")
     assert_same_params(got, want, f"{name}: params after resuming")
+
+
+@pytest.mark.parametrize("name", ["ExponentialLR", "StepLR"])
+def test_resume_scheduler_with_a_late_param(name, tmp_path):
+    """A param born at step 4 has its own schedule; saving at step 6 and resuming (params
+    recreated in reversed order) must continue both schedules as Pyro's uninterrupted run."""
+
+    def run(B, optim, steps, first):
+        svi = B.infer.SVI(
+            functools.partial(model, B), functools.partial(guide, B), optim, B.infer.Trace_ELBO()
+        )
+        losses = []
+        for i in range(first, first + steps):
+            losses.append(svi.step(DATA, use_c=i >= 3))
+            optim.step()
+        return losses
+
+    pyro_b, B = both()
+    pyro_b.pyro.clear_param_store()
+    want_losses = run(pyro_b, getattr(pyro_b.optim, name)(SCHEDULERS[name]()), 10, 0)
+    want = {n: p.detach().clone() for n, p in unconstrained(pyro_b).items()}
+
+    B.pyro.clear_param_store()
+    optim = getattr(B.optim, name)(SCHEDULERS[name]())
+    losses = run(B, optim, 6, 0)
+    optim.save(str(tmp_path / "optim.pt"))
+    saved = {n: B.pyro.param(n).detach().clone() for n in B.pyro.get_param_store()}
+    B.pyro.clear_param_store()
+    for n in reversed(list(saved)):
+        c = CONSTRAINTS[n]
+        B.pyro.param(n, saved[n], **({"constraint": getattr(B.constraints, c)} if c else {}))
+    optim2 = getattr(B.optim, name)(SCHEDULERS[name]())
+    optim2.load(str(tmp_path / "optim.pt"))
+    losses += run(B, optim2, 4, 6)
+    got = {n: p.detach().clone() for n, p in unconstrained(B).items()}
+    assert_close(losses, want_losses, f"{name}: losses across a save/load")
+    assert_same_params(got, want, f"{name}: params after resuming")
