@@ -1,12 +1,13 @@
 """Automatic guides, as in ``pyro.infer.autoguide``."""
 
+from .base import AutoGuide
 from .continuous import (
     AutoContinuous,
     AutoDiagonalNormal,
     AutoLowRankMultivariateNormal,
     AutoMultivariateNormal,
 )
-from .guides import AutoDelta, AutoGuide, AutoGuideList, AutoNormal
+from .guides import AutoDelta, AutoGuideList, AutoNormal
 from .initialization import (
     init_to_feasible,
     init_to_mean,

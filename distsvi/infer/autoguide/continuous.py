@@ -19,7 +19,7 @@ from torch.distributions import biject_to, constraints
 from ... import distributions as dist
 from ... import primitives
 from ...params import _PARAM_STORE
-from .guides import AutoGuide, _in_plates, _sum_rightmost
+from .base import AutoGuide, _in_plates, _sum_rightmost
 from .initialization import InitFn, init_to_median
 
 
