@@ -38,6 +38,8 @@ class AutoNormal(AutoGuide):
     auxiliary ``"<site>_unconstrained"`` and mapped into its support by a ``Delta``
     carrying the Jacobian, as in Pyro. Scales are ``constraints.positive`` params (stored as
     their log; Pyro uses a softplus), so a saved store holds only torch's constraints.
+    Under :class:`~distsvi.infer.TraceMeanField_ELBO` the real sites thus get the analytic
+    KL divergence, where Pyro's AutoNormal estimates it by sampling.
 
     :param model: the model.
     :param init_loc_fn: where the locs start (an ``init_to_*`` strategy).
