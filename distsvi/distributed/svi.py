@@ -35,11 +35,14 @@ class DataParallelSVI:
     - the gradients of the params touched are averaged over ranks in buckets of about
       ``bucket_cap_mb``, one asynchronous all-reduce per bucket; the loss rides in the last
       bucket, so :meth:`step` returns the loss averaged over ranks;
-    - when any rank's set of param names changes (at the first step, when params are
-      created lazily), the sets are compared across ranks (an error naming the differing
-      params is raised on every rank) and params seen for the first time are broadcast
-      from rank 0; the step is then run again, with the same subsample, so that even the
-      first update uses gradients computed at rank 0's values on every rank;
+    - buckets follow a layout of param names agreed by all ranks; a rank whose set of
+      params differs from it (at the first step, when params are created lazily) says so
+      with a flag in that same collective, so no rank acts alone. Then the sets are
+      compared across ranks (an error naming the differing params is raised on every
+      rank), params seen for the first time are broadcast from rank 0, and the step is run
+      again with the same subsample, so that even the first update uses gradients
+      computed at rank 0's values on every rank (one extra forward and backward each time
+      new params appear);
     - a non-finite loss or gradient on any rank makes the step skipped on every rank
       (counted in :attr:`num_skipped`); ``max_bad_steps`` in a row raise
       ``FloatingPointError`` on every rank.
