@@ -267,3 +267,17 @@ def test_enable_validation_toggles_distribution_arg_checks(validation_off):
     pyro.enable_validation(True)
     with pytest.raises(ValueError):
         dist.Normal(0.0, -1.0)
+
+
+def test_factor_in_guide_needs_has_rsample():
+    """Pyro refuses a guide factor that does not say whether it is reparameterised."""
+
+    def model():
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    def guide():
+        z = pyro.sample("z", dist.Normal(pyro.param("loc", torch.tensor(0.5)), 1.0))
+        pyro.factor("unspecified_factor", -(z**2))
+
+    with pytest.raises(ValueError, match="unspecified_factor"):
+        _svi_step(model, guide)

@@ -463,6 +463,13 @@ def delta_log_density_guide(B, x):
     B.pyro.sample("mu", B.dist.Delta(value, log_density=log_q))
 
 
+def guide_factor_guide(B, x, has_rsample):
+    loc = B.pyro.param("loc", torch.tensor(0.3))
+    scale = B.pyro.param("scale", torch.tensor(0.8), constraint=B.constraints.positive)
+    mu = B.pyro.sample("mu", fixed_normal(B, loc, scale, eps(0)))
+    B.pyro.factor("guide_factor", -0.5 * (mu - 1.0) ** 2, has_rsample=has_rsample)
+
+
 # ----------------------------------------------------------------------------------- cases
 
 
@@ -517,6 +524,12 @@ CASES = {
         weighted_model, lambda B, x, w: conjugate_guide(B, x), (Y_NORMAL, WEIGHTS)
     ),
     "delta_with_log_density": Case(conjugate_model, delta_log_density_guide, (Y_NORMAL,)),
+    "guide_factor_reparameterised": Case(
+        lambda B, x, h: conjugate_model(B, x), guide_factor_guide, (Y_NORMAL, True)
+    ),
+    "guide_factor_not_reparameterised": Case(
+        lambda B, x, h: conjugate_model(B, x), guide_factor_guide, (Y_NORMAL, False)
+    ),
     "factor_and_deterministic": Case(factor_model, conjugate_guide, (Y_NORMAL,)),
     "delta_guide_map": Case(map_model, map_guide, (Y_NORMAL,)),
     "mvn_lower_cholesky_guide": Case(mvn_model, mvn_guide, (Y2,)),
