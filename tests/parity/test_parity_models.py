@@ -470,6 +470,13 @@ def guide_factor_guide(B, x, has_rsample):
     B.pyro.factor("guide_factor", -0.5 * (mu - 1.0) ** 2, has_rsample=has_rsample)
 
 
+def prior_latent_model(B, x):
+    mu = B.pyro.sample("mu", B.dist.Normal(0.0, 10.0))
+    extra = B.pyro.sample("not_in_guide", B.dist.Normal(mu, 0.1))  # drawn from the prior
+    with B.pyro.plate("data", len(x)):
+        B.pyro.sample("obs", B.dist.Normal(mu + extra, 1.0), obs=x)
+
+
 # ----------------------------------------------------------------------------------- cases
 
 
@@ -530,6 +537,7 @@ CASES = {
     "guide_factor_not_reparameterised": Case(
         lambda B, x, h: conjugate_model(B, x), guide_factor_guide, (Y_NORMAL, False)
     ),
+    "latent_missing_from_guide": Case(prior_latent_model, conjugate_guide, (Y_NORMAL,)),
     "factor_and_deterministic": Case(factor_model, conjugate_guide, (Y_NORMAL,)),
     "delta_guide_map": Case(map_model, map_guide, (Y_NORMAL,)),
     "mvn_lower_cholesky_guide": Case(mvn_model, mvn_guide, (Y2,)),
