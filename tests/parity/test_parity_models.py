@@ -477,6 +477,13 @@ def prior_latent_model(B, x):
         B.pyro.sample("obs", B.dist.Normal(mu + extra, 1.0), obs=x)
 
 
+def guide_observation_guide(B, x):
+    conjugate_guide(B, x)
+    p = B.pyro.param("p", torch.tensor(0.3), constraint=B.constraints.unit_interval)
+    aux = {"is_auxiliary": True}
+    B.pyro.sample("guide_obs", B.dist.Bernoulli(p), obs=torch.tensor(1.0), infer=aux)
+
+
 # ----------------------------------------------------------------------------------- cases
 
 
@@ -538,6 +545,9 @@ CASES = {
         lambda B, x, h: conjugate_model(B, x), guide_factor_guide, (Y_NORMAL, False)
     ),
     "latent_missing_from_guide": Case(prior_latent_model, conjugate_guide, (Y_NORMAL,)),
+    "non_reparameterised_observation_in_guide": Case(
+        conjugate_model, guide_observation_guide, (Y_NORMAL,)
+    ),
     "factor_and_deterministic": Case(factor_model, conjugate_guide, (Y_NORMAL,)),
     "delta_guide_map": Case(map_model, map_guide, (Y_NORMAL,)),
     "mvn_lower_cholesky_guide": Case(mvn_model, mvn_guide, (Y2,)),
