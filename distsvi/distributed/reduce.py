@@ -56,7 +56,7 @@ def all_reduce_mean(
     buckets: list[list[int]],
     trailer: Tensor,
     group: ProcessGroup,
-) -> tuple[list[Tensor], Tensor, bool]:
+) -> tuple[list[Tensor], Tensor]:
     """Average ``tensors`` and ``trailer`` over ranks, one collective per bucket.
 
     Each bucket is flattened and its all-reduce issued asynchronously before the next is
@@ -68,10 +68,11 @@ def all_reduce_mean(
     :param buckets: their split, from :func:`bucket_indices`.
     :param trailer: a 1-d float tensor to average along with them.
     :param group: the process group.
-    :returns: ``(averaged, trailer, finite)``: views of the averaged values in the order of
-        ``tensors``, the averaged trailer, and whether every averaged value (trailer
-        included) is finite. A non-finite value on any rank makes the sum over ranks
-        non-finite, so ``finite`` is the same on every rank without a further collective.
+    :returns: ``(averaged, trailer)``: views of the averaged values in the order of
+        ``tensors``, and the averaged trailer followed by one more number, the sum of all
+        averaged values, which is finite only if every one is. A non-finite value on any
+        rank makes the sum over ranks non-finite, so whether to skip a step is decided the
+        same on every rank without a further collective.
     """
     carrier = _trailer_bucket(tensors, buckets, trailer)
     flats, works = [], []
@@ -100,10 +101,9 @@ def all_reduce_mean(
         flats[-1].div_(group.world_size)
     trailer_out = flats[carrier][-trailer.numel() :].to(trailer.dtype)
     # A sum is non-finite if any term is (or if finite terms overflow, which a step should
-    # not survive either), and is cheaper than an elementwise test. Sync point: one host
-    # read per step decides whether to skip, the same on every rank.
-    finite = bool(torch.isfinite(torch.stack([f.sum() for f in flats]).sum()))
-    return averaged, trailer_out, finite
+    # not survive either), and is cheaper than an elementwise test.
+    total = torch.stack([f.sum().to(trailer.device, trailer.dtype) for f in flats]).sum()
+    return averaged, torch.cat((trailer_out, total.reshape(1)))
 
 
 def broadcast_(

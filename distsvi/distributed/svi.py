@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -157,12 +158,13 @@ class DataParallelSVI:
         layout = self._layout
         grads = [_grad_or_zeros(params.get(n), p) for n, p in zip(layout, self._layout_params)]
         trailer = torch.stack((loss.detach().reshape(()), loss.new_tensor(float(changed))))
-        averaged, trailer, finite = all_reduce_mean(grads, self._buckets, trailer, self.group)
-        mean_loss, any_changed = trailer.tolist()
+        averaged, trailer = all_reduce_mean(grads, self._buckets, trailer, self.group)
+        # Sync point: the one host read of the step, the same numbers on every rank.
+        mean_loss, any_changed, total = trailer.tolist()
         self._loss = mean_loss
         if any_changed > 0 and self._relayout(params):
             return _skip(params)
-        if not finite:
+        if not math.isfinite(total):
             return self._bad_step(params)
         self.bad_in_a_row = 0
         for n, g in zip(layout, averaged):
