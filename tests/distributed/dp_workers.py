@@ -267,3 +267,13 @@ def validation(group: ProcessGroup) -> dict:
         "subsampled": dp.evaluate_loss(x_val, y_val, batch=16),
         "whole": dp.evaluate_loss(x_val, y_val),
     }
+
+
+def validation_autoguide(group: ProcessGroup) -> dict:
+    seed_rank(0, group)
+    x, y = m.make_hierarchical(n=301)  # per-datapoint latents: validate on the training set
+    model = m.hierarchical_model
+    dp = DataParallelSVI(SVI(model, auto_delta(model), Adam({"lr": 0.05}), Trace_ELBO()), group)
+    for _ in range(3):
+        dp.step(x, y, batch=16)
+    return {"state": pyro.get_param_store().get_state(), "loss": dp.evaluate_loss(x, y, batch=16)}

@@ -29,3 +29,12 @@ def test_evaluate_loss_is_the_full_validation_loss(float64, backend):
     full = Trace_ELBO().loss(m.logistic_model, m.logistic_delta_guide, x_val, y_val)
     assert r0["subsampled"] == pytest.approx(full, rel=1e-5)
     assert r0["whole"] == pytest.approx(full, rel=1e-5)
+
+
+def test_evaluate_loss_with_an_autoguide_and_local_latents(float64, backend):
+    r0, r1 = ok(run_ranks(w.validation_autoguide, dtype=torch.float64, backend=backend))
+    assert r0["loss"] == r1["loss"]
+    pyro.get_param_store().set_state(r0["state"])
+    x, y = m.make_hierarchical(n=301)
+    full = Trace_ELBO().loss(m.hierarchical_model, w.auto_delta(m.hierarchical_model), x, y)
+    assert r0["loss"] == pytest.approx(full, rel=1e-5)
