@@ -123,3 +123,19 @@ def ok(results: list[Any]) -> list[Any]:
     if failed:
         pytest.fail("\n".join(failed))
     return results
+
+
+def assert_same(a, b, path="") -> None:
+    """Bitwise equality of nested dicts/lists of tensors and numbers."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), (path, sorted(a), sorted(b))
+        for k in a:
+            assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    elif torch.is_tensor(a):
+        assert torch.equal(a, b), f"{path} differs: {a} vs {b}"
+    else:
+        assert a == b, f"{path} differs: {a} vs {b}"

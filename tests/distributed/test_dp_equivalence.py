@@ -9,8 +9,7 @@ import dp_models as m
 import dp_workers as w
 import pytest
 import torch
-from conftest import assert_same
-from dp_harness import ok, run_ranks
+from dp_harness import assert_same, ok, run_ranks
 
 import distsvi as pyro
 from distsvi.infer import SVI, Trace_ELBO

@@ -6,8 +6,7 @@ from __future__ import annotations
 import dp_workers as w
 import pytest
 import torch
-from conftest import assert_same
-from dp_harness import RankError, ok, run_ranks
+from dp_harness import RankError, assert_same, ok, run_ranks
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
