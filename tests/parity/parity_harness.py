@@ -9,6 +9,7 @@ value is identical in both engines and at every step.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import types
@@ -40,6 +41,34 @@ def backend(name: str) -> types.SimpleNamespace:
 
 def both() -> tuple[types.SimpleNamespace, types.SimpleNamespace]:
     return backend("pyro"), backend("distsvi")
+
+
+@contextlib.contextmanager
+def torch_without_pyro_kl():
+    """Importing pyro registers its own KL rules in torch's global registry; distsvi must be
+    judged on torch's rules alone, as in a process where pyro is not installed."""
+    from torch.distributions import kl
+
+    saved = dict(kl._KL_REGISTRY)
+    for key, fn in saved.items():
+        if fn.__module__.startswith("pyro"):
+            original = getattr(kl, fn.__name__, None)  # a torch rule pyro overrode
+            if original is not None and original.__module__ == kl.__name__:
+                kl._KL_REGISTRY[key] = original
+            else:
+                del kl._KL_REGISTRY[key]
+    kl._KL_MEMOIZE.clear()
+    try:
+        yield
+    finally:
+        kl._KL_REGISTRY.clear()
+        kl._KL_REGISTRY.update(saved)
+        kl._KL_MEMOIZE.clear()
+
+
+def isolated(B):
+    """The context to run backend ``B`` in (distsvi without pyro's KL rules)."""
+    return torch_without_pyro_kl() if B.name == "distsvi" else contextlib.nullcontext()
 
 
 _FIXED_CLASSES: dict[tuple[str, str], type] = {}
@@ -107,7 +136,8 @@ def loss_and_grads(B, model, guide, args=(), kwargs=None, loss="Trace_ELBO", los
     B.pyro.clear_param_store()
     torch.manual_seed(0)
     elbo = getattr(B.infer, loss)(**(loss_kwargs or {}))
-    value = elbo.loss_and_grads(bind(model, B), bind(guide, B), *args, **(kwargs or {}))
+    with isolated(B):
+        value = elbo.loss_and_grads(bind(model, B), bind(guide, B), *args, **(kwargs or {}))
     params = unconstrained(B)
     grads = {n: None if p.grad is None else p.grad.detach().clone() for n, p in params.items()}
     values = {n: p.detach().clone() for n, p in params.items()}
@@ -134,10 +164,11 @@ def train(
     elbo = getattr(B.infer, loss)(**(loss_kwargs or {}))
     svi = B.infer.SVI(bind(model, B), bind(guide, B), optim, elbo)
     losses = []
-    for i in range(steps):
-        losses.append(svi.step(*args, **(kwargs or {})))
-        if after_step is not None:
-            after_step(B, optim, i, losses[-1])
+    with isolated(B):
+        for i in range(steps):
+            losses.append(svi.step(*args, **(kwargs or {})))
+            if after_step is not None:
+                after_step(B, optim, i, losses[-1])
     values = {n: p.detach().clone() for n, p in unconstrained(B).items()}
     B.pyro.clear_param_store()
     return losses, values

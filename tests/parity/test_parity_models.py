@@ -24,6 +24,7 @@ from parity_harness import (
     fixed_lognormal,
     fixed_normal,
     fixed_value,
+    isolated,
     loss_and_grads,
     train,
 )
@@ -484,6 +485,19 @@ def guide_observation_guide(B, x):
     B.pyro.sample("guide_obs", B.dist.Bernoulli(p), obs=torch.tensor(1.0), infer=aux)
 
 
+def mvn_prior_model(B, y2):
+    cov = torch.tensor([[1.0, 0.6], [0.6, 2.0]])
+    z = B.pyro.sample("z", B.dist.MultivariateNormal(torch.zeros(2), cov))
+    with B.pyro.plate("data", len(y2)):
+        B.pyro.sample("y", B.dist.Normal(z, 0.7).to_event(1), obs=y2)
+
+
+def diagonal_guide(B, y2):
+    loc = B.pyro.param("z_loc", torch.tensor([0.2, -0.1]))
+    scale = B.pyro.param("z_scale", torch.tensor([0.5, 0.4]), constraint=B.constraints.positive)
+    B.pyro.sample("z", fixed_normal(B, loc, scale, eps(55, 2)).to_event(1))
+
+
 # ----------------------------------------------------------------------------------- cases
 
 
@@ -547,6 +561,9 @@ CASES = {
     "latent_missing_from_guide": Case(prior_latent_model, conjugate_guide, (Y_NORMAL,)),
     "non_reparameterised_observation_in_guide": Case(
         conjugate_model, guide_observation_guide, (Y_NORMAL,)
+    ),
+    "mean_field_diagonal_guide_mvn_prior": Case(
+        mvn_prior_model, diagonal_guide, (Y2,), "TraceMeanField_ELBO"
     ),
     "factor_and_deterministic": Case(factor_model, conjugate_guide, (Y_NORMAL,)),
     "delta_guide_map": Case(map_model, map_guide, (Y_NORMAL,)),
@@ -666,7 +683,8 @@ def test_differentiable_loss(name):
     for B in both():
         B.pyro.clear_param_store()
         elbo = getattr(B.infer, case.loss)(**case.loss_kwargs)
-        loss = elbo.differentiable_loss(bind(case.model, B), bind(case.guide, B), *_args(case))
+        with isolated(B):
+            loss = elbo.differentiable_loss(bind(case.model, B), bind(case.guide, B), *_args(case))
         loss.backward()
         grads = {n: p.grad.detach().clone() for n, p in B.pyro.get_param_store().named_parameters()}
         results.append((loss.detach(), grads))
