@@ -217,3 +217,12 @@ def test_init_scale_and_errors():
 
     with pytest.raises(NotImplementedError, match="sequential plate 'seq'"):
         AutoNormal(sequential)()
+
+
+@pytest.mark.parametrize("guide_cls", [AutoNormal, AutoDelta, AutoDiagonalNormal])
+def test_discrete_latents_are_refused_by_name(guide_cls):
+    def discrete():
+        pyro.sample("coin", dist.Bernoulli(0.5))
+
+    with pytest.raises(ValueError, match="'coin'"):
+        guide_cls(discrete, init_loc_fn=init_to_sample)()

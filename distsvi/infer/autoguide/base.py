@@ -34,7 +34,7 @@ from contextlib import ExitStack, nullcontext
 from typing import Any
 
 import torch
-from torch.distributions import constraints
+from torch.distributions import biject_to, constraints
 
 from ... import primitives
 from ...poutine import handlers as poutine
@@ -86,6 +86,18 @@ def _is_real(support: constraints.Constraint) -> bool:
     while isinstance(support, constraints.independent):
         support = support.base_constraint
     return support is constraints.real
+
+
+def _bijection(site: dict, guide: str) -> Any:
+    """The map from unconstrained space onto the site's support, or a clear error."""
+    try:
+        return biject_to(site["fn"].support)
+    except NotImplementedError:
+        raise ValueError(
+            f"{guide} cannot guide site {site['name']!r}: its support {site['fn'].support} is "
+            "not continuous. Hide the site from the autoguide (poutine.block) and give it a "
+            "guide of its own, e.g. with AutoGuideList."
+        ) from None
 
 
 def _sum_rightmost(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -14,12 +14,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.distributions import biject_to, constraints
+from torch.distributions import constraints
 
 from ... import distributions as dist
 from ... import primitives
 from ...params import _PARAM_STORE
-from .base import AutoGuide, _in_plates, _sum_rightmost
+from .base import AutoGuide, _bijection, _in_plates, _sum_rightmost
 from .initialization import InitFn, init_to_median
 
 
@@ -78,7 +78,7 @@ class AutoContinuous(AutoGuide):
             b = _Block()
             b.name = name
             b.fn_event_dim = len(fn.event_shape)
-            b.transform = biject_to(fn.support)
+            b.transform = _bijection(site, self._pyro_name)
             u = b.transform.inv(value)
             b.event_dim = b.fn_event_dim + u.dim() - value.dim()
             b.shape = u.shape

@@ -7,12 +7,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.distributions import biject_to, constraints
+from torch.distributions import constraints
 
 from ... import distributions as dist
 from ... import primitives
 from ...params import _PARAM_STORE
-from .base import AutoGuide, _in_plates, _is_real, _select, _subsampled, _sum_rightmost
+from .base import AutoGuide, _bijection, _in_plates, _is_real, _select, _subsampled, _sum_rightmost
 from .initialization import InitFn, init_to_feasible, init_to_median
 
 
@@ -77,7 +77,7 @@ class AutoNormal(AutoGuide):
             s.loc = f"{self._pyro_name}.locs.{name}"
             s.scale = f"{self._pyro_name}.scales.{name}"
             s.fn_event_dim = len(fn.event_shape)
-            s.transform = None if _is_real(fn.support) else biject_to(fn.support)
+            s.transform = None if _is_real(fn.support) else _bijection(site, self._pyro_name)
             u = value if s.transform is None else s.transform.inv(value)
             s.event_dim = s.fn_event_dim + u.dim() - value.dim()
             s.init_loc = self._full_size(u, site, s.event_dim)
@@ -169,6 +169,7 @@ class AutoDelta(AutoGuide):
             s = _DeltaSite()
             s.name = name
             s.param = f"{self._pyro_name}.{name}"
+            _bijection(site, self._pyro_name)  # the param lives in unconstrained space
             s.support = site["fn"].support
             s.event_dim = len(site["fn"].event_shape)
             s.init = self._full_size(site["value"].detach(), site, s.event_dim)

@@ -118,8 +118,15 @@ class InitMessenger(Messenger):
             return
         if msg["cond_indep_stack"]:
             _broadcast(msg)  # so that init_fn sees the plated shape
-        with torch.no_grad():
-            value = self.init_fn(msg)
+        try:
+            with torch.no_grad():
+                value = self.init_fn(msg)
+        except NotImplementedError as e:
+            raise ValueError(
+                f"init_loc_fn cannot initialise site {msg['name']!r} (support "
+                f"{msg['fn'].support}): {e}. Autoguides need continuous latents; hide discrete "
+                "ones (poutine.block) and guide them by hand."
+            ) from e
         shape = msg["fn"].batch_shape + msg["fn"].event_shape
         if value.shape != shape and len(value.shape) <= len(shape):
             try:
