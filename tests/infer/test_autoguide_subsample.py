@@ -159,3 +159,13 @@ def test_autoguide_list_parts_share_one_subsample():
     tr = poutine.trace(guide).get_trace(X, None, 6)
     assert tr.nodes["z"]["value"].shape == (6,)
     assert set(guide.median(X)) == {"z", "mu", "sigma"}
+
+
+def test_plates_hidden_from_the_probe_are_reported():
+    def hidden(x, idx):
+        with poutine.block(hide_types=["subsample"]):
+            model(x, idx)
+
+    guide = AutoNormal(hidden)
+    with pytest.warns(UserWarning, match=r"plate\(s\) \['data'\]"):
+        guide(X, torch.arange(3))

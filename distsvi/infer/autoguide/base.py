@@ -29,6 +29,7 @@ that was in an earlier subsample keeps moving by Adam's momentum, as with torch'
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack, nullcontext
 from typing import Any
@@ -221,7 +222,14 @@ class AutoGuide:
             with torch.no_grad(), probe:
                 self.model(*args, **kwargs)
         except _ProbeDone:
-            pass
+            return probe.found
+        missing = sorted(names.difference(probe.found))
+        warnings.warn(
+            f"{self._pyro_name} did not see the model open plate(s) {missing} this call (a "
+            "handler inside the model may hide them), so it drew its own indices; pass "
+            "create_plates= to give the guide the model's plates",
+            stacklevel=4,
+        )
         return probe.found
 
     def _plate_dims(self, site: dict, event_dim: int) -> tuple[tuple[str, int], ...]:
