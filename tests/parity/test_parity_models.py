@@ -565,6 +565,16 @@ CASES = {
     "mean_field_diagonal_guide_mvn_prior": Case(
         mvn_prior_model, diagonal_guide, (Y2,), "TraceMeanField_ELBO"
     ),
+    "local_bernoulli_2_particles": Case(
+        local_bernoulli_model, local_bernoulli_guide, (MIX_X, IDX), loss_kwargs={"num_particles": 2}
+    ),
+    "mean_field_vectorized_particles": Case(
+        hier_model,
+        hier_guide,
+        (HIER_DATA, GIDX),
+        "TraceMeanField_ELBO",
+        {"num_particles": 3, "vectorize_particles": True, "max_plate_nesting": 2},
+    ),
     "factor_and_deterministic": Case(factor_model, conjugate_guide, (Y_NORMAL,)),
     "delta_guide_map": Case(map_model, map_guide, (Y_NORMAL,)),
     "mvn_lower_cholesky_guide": Case(mvn_model, mvn_guide, (Y2,)),
