@@ -98,9 +98,6 @@ class TraceGraph_ELBO(ELBO):
         super().__init__(*args, **kwargs)
         self._avg_cost: dict[str, torch.Tensor] = {}
 
-    def _differentiable_loss_particle(self, model_trace: Trace, guide_trace: Trace):
-        return self._particle(model_trace, guide_trace, update_baselines=True)
-
     def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """The loss estimate as a float; no gradients, and baselines are left as they are."""
         with torch.no_grad():
@@ -109,7 +106,7 @@ class TraceGraph_ELBO(ELBO):
                 total = total + model_trace.log_prob_sum() - guide_trace.log_prob_sum()
             return -float(total / self.num_particles)  # host sync: the caller wants a number
 
-    def _particle(self, model_trace: Trace, guide_trace: Trace, update_baselines: bool):
+    def _differentiable_loss_particle(self, model_trace: Trace, guide_trace: Trace):
         elbo = 0.0
         for site in model_trace.nodes.values():
             if site["type"] == "sample":
@@ -131,7 +128,7 @@ class TraceGraph_ELBO(ELBO):
             for name in non_reparam:
                 site = guide_trace.nodes[name]
                 cost = costs[name]
-                baseline, loss_term = self._baseline(site, cost, update_baselines)
+                baseline, loss_term = self._baseline(site, cost)
                 if baseline is not None:
                     cost = cost - baseline
                     baseline_loss = baseline_loss + loss_term
@@ -141,7 +138,7 @@ class TraceGraph_ELBO(ELBO):
             loss = loss.detach()
         return loss, -surrogate + baseline_loss
 
-    def _baseline(self, site: dict, cost: torch.Tensor, update: bool):
+    def _baseline(self, site: dict, cost: torch.Tensor):
         """``(baseline or None, squared-error loss term)`` for one site (Pyro's rules)."""
         nn_baseline, nn_input, use_avg, beta, value = _baseline_options(site)
         if nn_baseline is None and value is None and not use_avg:
@@ -153,8 +150,7 @@ class TraceGraph_ELBO(ELBO):
             old = self._avg_cost.get(name)
             if old is None or old.shape != cost.shape:
                 old = torch.zeros_like(cost)  # first use, or the subsample size changed
-            if update:
-                self._avg_cost[name] = (1 - beta) * cost.detach() + beta * old
+            self._avg_cost[name] = (1 - beta) * cost.detach() + beta * old
             baseline = baseline + old
         fit = nn_baseline is not None or value is not None
         if fit:
