@@ -498,6 +498,13 @@ def diagonal_guide(B, y2):
     B.pyro.sample("z", fixed_normal(B, loc, scale, eps(55, 2)).to_event(1))
 
 
+def full_plate_model(B, x):
+    mu = B.pyro.sample("mu", B.dist.Normal(0.0, 3.0))
+    with B.pyro.plate("data", len(x)) as ind:  # no subsample_size: the guide's is replayed
+        z = B.pyro.sample("z", B.dist.Normal(mu, 1.0))
+        B.pyro.sample("x", B.dist.Normal(z, 0.5), obs=x[ind])
+
+
 # ----------------------------------------------------------------------------------- cases
 
 
@@ -574,6 +581,9 @@ CASES = {
         (HIER_DATA, GIDX),
         "TraceMeanField_ELBO",
         {"num_particles": 3, "vectorize_particles": True, "max_plate_nesting": 2},
+    ),
+    "guide_subsample_replayed_into_a_full_model_plate": Case(
+        full_plate_model, random_subsample_guide, (Y_NORMAL,)
     ),
     "factor_and_deterministic": Case(factor_model, conjugate_guide, (Y_NORMAL,)),
     "delta_guide_map": Case(map_model, map_guide, (Y_NORMAL,)),
