@@ -48,7 +48,10 @@ class DataParallelSVI:
       (counted in :attr:`num_skipped`); ``max_bad_steps`` in a row raise
       ``FloatingPointError`` on every rank.
 
-    With world size 1 nothing is wrapped: :meth:`step` is ``svi.step``, bit for bit.
+    With world size 1 nothing is wrapped: :meth:`step` is ``svi.step``, bit for bit, and
+    plates draw as they would without it (:meth:`evaluate_loss` still evaluates all the
+    data). ``SVI(compile=True)`` works unchanged: the shard draws stay outside the graph.
+    Communication starts after backward, so it does not overlap the backward pass.
     Per-rank Monte-Carlo noise comes from seeding each rank with
     :func:`~distsvi.distributed.rank_seed` (see :func:`~distsvi.distributed.seed_rank`).
 
