@@ -387,3 +387,10 @@ def test_resume_scheduler_with_a_late_param(name, tmp_path):
     got = {n: p.detach().clone() for n, p in unconstrained(B).items()}
     assert_close(losses, want_losses, f"{name}: losses across a save/load")
     assert_same_params(got, want, f"{name}: params after resuming")
+
+
+def test_clipped_adam_centered_variance():
+    def make(B):
+        return B.optim.ClippedAdam({"lr": 0.1, "clip_norm": 2.0, "centered_variance": True})
+
+    _check(_trajectories(make), "ClippedAdam(centered_variance=True)")
