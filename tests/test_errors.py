@@ -281,3 +281,12 @@ def test_factor_in_guide_needs_has_rsample():
 
     with pytest.raises(ValueError, match="unspecified_factor"):
         _svi_step(model, guide)
+
+
+def test_param_reusing_a_sample_site_name():
+    def model():
+        pyro.sample("clash_name", dist.Normal(0.0, 1.0))
+        pyro.param("clash_name", torch.tensor(1.0))
+
+    with pytest.raises((RuntimeError, ValueError), match="clash_name"):
+        poutine.trace(model).get_trace()
