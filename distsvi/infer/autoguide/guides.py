@@ -92,8 +92,10 @@ class AutoNormal(AutoGuide):
         subsampled = _subsampled(plates)
         result = {}
         for s in self._sites:
-            loc = param(s.loc, s.init_loc, event_dim=s.event_dim)
-            scale = param(s.scale, s.init_scale, constraints.positive, s.event_dim)
+            # No event_dim here: the rows are selected below, by this call's plates, so an
+            # enclosing subsampled plate must not select them too.
+            loc = param(s.loc, s.init_loc)
+            scale = param(s.scale, s.init_scale, constraints.positive)
             if subsampled:
                 loc = _select(loc, s.plate_dims, plates, subsampled)
                 scale = _select(scale, s.plate_dims, plates, subsampled)
@@ -182,7 +184,7 @@ class AutoDelta(AutoGuide):
         subsampled = _subsampled(plates)
         result = {}
         for s in self._sites:
-            value = primitives.param(s.param, s.init, s.support, s.event_dim)
+            value = primitives.param(s.param, s.init, s.support)  # rows selected below
             if subsampled:
                 value = _select(value, s.plate_dims, plates, subsampled)
             with _in_plates(plates, s.plate_dims):
