@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         "--sizes", type=int, nargs="+", default=[512, 8192], help="datapoints per rank per step"
     )
     parser.add_argument(
-        "--steps", type=int, nargs="+", default=[150, 30], help="timed steps for each size"
+        "--steps", type=int, nargs="+", default=[300, 30], help="timed steps for each size"
     )
     parser.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args(argv)
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(
         f"# {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, one "
-        "thread per rank, median step time"
+        f"thread per rank, median step time; load average {os.getloadavg()[0]:.1f} at start"
     )
     header = (
         f"{'implementation':<26}{'ranks':>6}{'batch/rank':>12}{'ms/step':>10}"
