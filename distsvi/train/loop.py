@@ -80,7 +80,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                     "health/skipped_steps": float(job.skipped_steps),
                     **timer.read(rows_per_step),
                 }
-            if step % cfg.run.val_every == 0 or last:
+            if (step % cfg.run.val_every == 0 or last) and job.split.num_val > 0:
                 val_loss = validate(job, cfg.run.seed + step)
                 values["loss/val"] = val_loss
                 values["loss/val_per_datapoint"] = val_loss / job.split.num_val

@@ -30,7 +30,7 @@ def rows(idx: Tensor, subsample: Tensor | None, *tensors: Tensor | None) -> tupl
     """This step's rows: the plate's indices into full tensors, or the minibatch as given."""
     if subsample is not None:
         return tensors
-    return tuple(None if t is None else t.index_select(0, idx) for t in tensors)
+    return tuple(None if t is None else t.index_select(0, idx.to(t.device)) for t in tensors)
 
 
 class LogisticRegression:

@@ -88,6 +88,17 @@ def test_resume_on_two_ranks(reference, tmp_path):
     ]
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a launcher that is still running; SIGTERM first, so torchrun stops its workers."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def _workers(agent_pid: int) -> list[int]:
     """Worker processes started by the torchrun agent (the launcher execs into torchrun)."""
     found = []
@@ -126,12 +137,11 @@ def test_crash_recovery_with_max_restarts(reference, tmp_path):
             last = tmp_path / "ck" / f"step_{STEPS:08d}.pt"
             assert not last.exists(), "the run ended before the kill"
             os.kill(max(workers), signal.SIGKILL)
-            assert proc.wait(timeout=180) == 0
+            rc = proc.wait(timeout=180)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            _stop(proc)
     output = log_path.read_text()
+    assert rc == 0, output[-5000:]
     assert "resuming from" in output, output[-3000:]
     assert_params_close(final_params(reference / "ck"), final_params(tmp_path / "ck"))
 
@@ -164,9 +174,7 @@ def test_two_nodes_on_one_machine(reference, tmp_path):
         outputs = [p.communicate(timeout=180)[0] for p in procs]
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+            _stop(p)
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
     assert len(event_files(tmp_path / "tb")) == 1
     assert_params_close(final_params(reference / "ck"), final_params(tmp_path / "ck"))
