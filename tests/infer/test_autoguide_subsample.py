@@ -169,3 +169,13 @@ def test_plates_hidden_from_the_probe_are_reported():
     guide = AutoNormal(hidden)
     with pytest.warns(UserWarning, match=r"plate\(s\) \['data'\]"):
         guide(X, torch.arange(3))
+
+
+def test_an_explicit_permutation_of_all_indices_is_followed():
+    guide = AutoNormal(model)
+    perm = torch.randperm(N)
+    guide(X, perm)
+    locs = torch.arange(float(N))
+    pyro.get_param_store()["AutoNormal.locs.z"] = locs
+    guide_trace = poutine.trace(guide).get_trace(X, perm)
+    assert torch.equal(guide_trace.nodes["z"]["fn"].mean, locs[perm])

@@ -169,9 +169,19 @@ class AutoGuide:
             if not site["cond_indep_stack"]:
                 self._global_values[name] = site["value"]
         self._frames = frames
-        drawn = {n for n, s in trace.nodes.items() if s["type"] == "subsample"}
+        # Plates that subsample (fewer indices than the plate, or an explicit order of them);
+        # a plate that just announces all of its indices in order needs no probe.
+        subsampled = {
+            n
+            for n, s in trace.nodes.items()
+            if s["type"] == "subsample"
+            and (
+                len(s["value"]) < s["kwargs"]["size"]
+                or not torch.equal(s["value"].cpu(), torch.arange(s["kwargs"]["size"]))
+            )
+        }
         self._probe_names = frozenset(
-            n for n, f in frames.items() if n in drawn or f.size != f.full_size
+            n for n, f in frames.items() if n in subsampled or f.size != f.full_size
         )
 
     def _latent_sites(self) -> Iterable[tuple[str, dict]]:
