@@ -112,7 +112,7 @@ def test_a_shard_handler_fills_the_guides_subsample():
 
     class Shard(pyro.poutine.Messenger):
         def process_message(self, msg):
-            if msg["type"] == "subsample" and msg["value"] is None:
+            if msg["type"] == "subsample" and msg["name"] == "data" and msg["value"] is None:
                 msg["value"] = shard[torch.randperm(len(shard))[: msg["kwargs"]["subsample_size"]]]
                 msg["scale"] = N / msg["kwargs"]["subsample_size"]
 
