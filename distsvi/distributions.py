@@ -192,7 +192,18 @@ def kl_divergence(p: _td.Distribution, q: _td.Distribution) -> torch.Tensor:
         raise NotImplementedError("KL between a masked and an unmasked distribution")
     if p_mask is not None:
         p_mask = p_mask & q_mask
-    if isinstance(p_base, _td.Independent) and isinstance(q_base, _td.Independent):
+    if (
+        isinstance(p_base, _td.Independent)
+        and p_base.reinterpreted_batch_ndims == 1
+        and isinstance(p_base.base_dist, _td.Normal)
+        and isinstance(q_base, _td.MultivariateNormal)
+    ):
+        # a diagonal Normal is an MVN with a diagonal scale_tril: torch has that pair
+        loc, scale = p_base.base_dist.loc, p_base.base_dist.scale
+        loc, scale = torch.broadcast_tensors(loc, scale)
+        p_mvn = _td.MultivariateNormal(loc, scale_tril=torch.diag_embed(scale), validate_args=False)
+        kl = _torch_kl(p_mvn, q_base)
+    elif isinstance(p_base, _td.Independent) and isinstance(q_base, _td.Independent):
         n = p_base.reinterpreted_batch_ndims
         if n == q_base.reinterpreted_batch_ndims:
             kl = kl_divergence(p_base.base_dist, q_base.base_dist)

@@ -219,17 +219,18 @@ class _ClippedAdamTorch(torch.optim.Optimizer):
 
     At a param's k-th step the learning rate is ``lr * lrd**k`` (Pyro's ClippedAdam,
     where each param has its own optimizer), and its gradient is clamped to
-    ``[-clip_norm, clip_norm]``.
+    ``[-clip_norm, clip_norm]``. With ``centered_variance`` the second moment tracks
+    ``(grad - exp_avg)**2``.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 clip_norm=10.0, lrd=1.0):
+                 clip_norm=10.0, lrd=1.0, centered_variance=False):
         if not lr > 0:
             raise ValueError(f"ClippedAdam lr must be > 0, got {lr}")
         if not clip_norm > 0:
             raise ValueError(f"ClippedAdam clip_norm must be > 0, got {clip_norm}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        clip_norm=clip_norm, lrd=lrd)
+                        clip_norm=clip_norm, lrd=lrd, centered_variance=centered_variance)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -252,7 +253,8 @@ class _ClippedAdamTorch(torch.optim.Optimizer):
                     grad = grad.add(p, alpha=group["weight_decay"])
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                dev = grad - exp_avg if group["centered_variance"] else grad
+                exp_avg_sq.mul_(beta2).addcmul_(dev, dev, value=1 - beta2)
                 denom = exp_avg_sq.sqrt().add_(group["eps"])
                 step_size = lr * math.sqrt(1 - beta2**k) / (1 - beta1**k)
                 p.addcdiv_(exp_avg, denom, value=-step_size)

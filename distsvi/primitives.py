@@ -131,7 +131,7 @@ def param(
 
 def factor(name: str, log_factor: torch.Tensor, *, has_rsample: bool | None = None) -> None:
     """Add ``log_factor`` to the model's log-density (an observed ``Unit`` site)."""
-    unit = _Unit(log_factor, has_rsample=True if has_rsample is None else has_rsample)
+    unit = _Unit(log_factor, has_rsample=has_rsample)
     sample(name, unit, obs=unit.v, infer={"is_auxiliary": True})
 
 
@@ -146,14 +146,14 @@ def deterministic(name: str, value: torch.Tensor, event_dim: int | None = None) 
 class _Unit(dist.Delta):
     """A site whose log-density is a given tensor (what ``factor`` records)."""
 
-    def __init__(self, log_factor: torch.Tensor, has_rsample: bool = True) -> None:
+    def __init__(self, log_factor: torch.Tensor, has_rsample: bool | None = None) -> None:
         log_factor = torch.as_tensor(log_factor)
         super().__init__(log_factor.new_zeros(log_factor.shape + (0,)), log_factor, event_dim=1)
-        self._has_rsample = has_rsample
+        self._has_rsample = has_rsample  # None: not said (fine in a model, an error in a guide)
 
     @property
     def has_rsample(self) -> bool:  # type: ignore[override]
-        return self._has_rsample
+        return self._has_rsample is not False
 
     def expand(self, batch_shape, _instance=None):
         batch_shape = torch.Size(batch_shape)
@@ -253,46 +253,50 @@ class plate(Messenger):
         self.device = device
         self._frame: CondIndepStackFrame | None = None
         self._scale = 1.0
+        self._subsampled = False
         # Drawn once, at construction, as in Pyro: re-entering the same plate object
         # reuses its indices.
         self.indices: torch.Tensor = self._draw_indices()
 
     def _draw_indices(self) -> torch.Tensor:
-        subsampling = self._subsample is not None or self.subsample_size < self.size
-        if not subsampling:
-            self._scale = 1.0
-            return torch.arange(self.size, device=self.device)
-        msg = {
-            "type": "subsample",
-            "name": self.name,
-            "fn": self._randperm,
-            "args": (),
-            "kwargs": {"size": self.size, "subsample_size": self.subsample_size},
-            "value": self._subsample,
-            "is_observed": False,
-            "infer": {},
-            "scale": None,
-            "mask": None,
-            "cond_indep_stack": (),
-            "done": False,
-            "stop": False,
-            "continuation": None,
-        }
-        if _STACK:
-            apply_stack(msg)
+        if not _STACK:
+            if self._subsample is not None:
+                idx = self._subsample
+            else:
+                idx = self._randperm(self.size, self.subsample_size)
+            scale = None
         else:
-            msg["value"] = (
-                self._subsample
-                if self._subsample is not None
-                else self._randperm(self.size, self.subsample_size)
-            )
-        idx = msg["value"]
+            # Every plate announces its indices, full ones too, so that a guide's draw is
+            # replayed into a model plate declared without subsample_size (as in Pyro).
+            msg = {
+                "type": "subsample",
+                "name": self.name,
+                "fn": self._randperm,
+                "args": (),
+                "kwargs": {"size": self.size, "subsample_size": self.subsample_size},
+                "value": self._subsample,
+                "is_observed": False,
+                "infer": {},
+                "scale": None,
+                "mask": None,
+                "cond_indep_stack": (),
+                "done": False,
+                "stop": False,
+                "continuation": None,
+            }
+            apply_stack(msg)
+            idx, scale = msg["value"], msg["scale"]
         n = len(idx)
-        self._scale = msg["scale"] if msg["scale"] is not None else self.size / n
-        msg["scale"] = self._scale
+        self.subsample_size = n
+        self._subsampled = n < self.size or self._subsample is not None or scale is not None
+        self._scale = scale if scale is not None else self.size / n
+        if _STACK:
+            msg["scale"] = self._scale
         return idx
 
     def _randperm(self, size: int, subsample_size: int) -> torch.Tensor:
+        if subsample_size >= size:
+            return torch.arange(size, device=self.device)  # no draw: the RNG is untouched
         return torch.randperm(size, device=self.device)[:subsample_size]
 
     def __enter__(self) -> torch.Tensor:
@@ -325,7 +329,7 @@ class plate(Messenger):
         # dims: hand out only the rows of this subsample (Pyro's rule).
         if msg["type"] != "param" or msg["kwargs"]["event_dim"] is None:
             return
-        if self.subsample_size >= self.size and self._subsample is None:
+        if not self._subsampled:
             return
         dim = self.dim - msg["kwargs"]["event_dim"]
         value = msg["value"]
@@ -357,7 +361,7 @@ def subsample(data: torch.Tensor, event_dim: int = 0) -> torch.Tensor:
     """Index ``data`` by the indices of the active subsampled plates (Pyro's helper)."""
     for handler in reversed(_STACK):
         if isinstance(handler, plate) and handler.indices is not None:
-            if handler._scale != 1.0 or handler._subsample is not None:
+            if handler._subsampled:
                 dim = handler.dim - event_dim
                 if data.size(dim) == handler.size:
                     data = data.index_select(dim, handler.indices)

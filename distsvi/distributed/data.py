@@ -188,6 +188,10 @@ class ShardedPlates(Messenger):
 
     def process_message(self, msg: dict[str, Any]) -> None:
         if msg["type"] == "subsample" and msg["name"] in self.plates:
+            kw = msg["kwargs"]
+            # In training a plate without subsample_size is evaluated whole on every rank.
+            if self.training and kw["subsample_size"] >= kw["size"] and msg["value"] is None:
+                return
             self._fill(msg)
 
     # Under SVI(compile=True) the draw runs eagerly: traced, it would be recompiled for

@@ -98,6 +98,13 @@ class ELBO:
                 "infer={'is_auxiliary': True} or add them to the model.",
                 stacklevel=4,
             )
+        for name, site in guide_trace.nodes.items():
+            if site["type"] == "sample" and getattr(site["fn"], "_has_rsample", False) is None:
+                raise ValueError(
+                    f'guide site factor("{name}", ...) does not say whether it is '
+                    "reparameterised: pass has_rsample=True if it comes from reparameterised "
+                    "sampling, has_rsample=False otherwise"
+                )
         for trace in (model_trace, guide_trace):
             for site in trace.nodes.values():
                 if site["type"] == "sample":

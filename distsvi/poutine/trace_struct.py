@@ -114,7 +114,7 @@ class Trace:
                 lp = scale_and_mask(lp, site["scale"], site["mask"])
                 site["log_prob"] = lp
                 site["log_prob_sum"] = lp if lp.dim() == 0 else lp.sum()
-                if site["fn"].has_rsample or site["is_observed"]:
+                if site["fn"].has_rsample:
                     site["score_parts"] = ScoreParts(lp, 0, lp)
                 else:
                     # The score term is left unscaled: the cost it multiplies carries the scale.
