@@ -5,6 +5,9 @@ import sys
 import pytest
 import torch
 
+# Test tensors are tiny: a second intra-op thread only adds contention on a 2-core machine.
+torch.set_num_threads(1)
+
 
 def _clear_stores() -> None:
     import distsvi
