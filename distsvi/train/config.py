@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 from collections.abc import Sequence
@@ -444,12 +445,7 @@ def check_ranges(cfg: TrainConfig, base_dir: Path = Path("."), world_size: int =
             "checkpoint.resume",
             f"must be auto, never or an existing checkpoint file, got {c.resume!r}",
         )
-    if cfg.model.name not in BUILTIN_MODELS:
-        cfg.model.name, _ = import_target(cfg.model.name, "model.name", base_dir)
-    if cfg.data.name not in BUILTIN_DATA:
-        cfg.data.name, _ = import_target(cfg.data.name, "data.name", base_dir)
-    if cfg.guide.name not in AUTOGUIDES and cfg.guide.name != "model":
-        cfg.guide.name, _ = import_target(cfg.guide.name, "guide.name", base_dir)
+    _check_targets(cfg, base_dir)
     num_rows = builtin_num_rows(cfg.data.name, cfg.data.options)
     if num_rows is not None:
         _require(num_rows > 0, "data.options.num_points", f"must be > 0, got {num_rows}")
@@ -464,14 +460,53 @@ def check_ranges(cfg: TrainConfig, base_dir: Path = Path("."), world_size: int =
         )
 
 
+def _check_targets(cfg: TrainConfig, base_dir: Path) -> None:
+    """Model, data and guide names resolve, and their options are arguments they take."""
+    from distsvi.infer import autoguide  # the engine, only once the config parsed
+    from distsvi.train.data import LOADERS
+    from distsvi.train.models import BUILTIN
+
+    model = BUILTIN.get(cfg.model.name)
+    if model is None:
+        cfg.model.name, model = import_target(cfg.model.name, "model.name", base_dir)
+    if isinstance(model, type):
+        _check_options(model, cfg.model.options, "model.options")
+    loader = LOADERS.get(cfg.data.name)
+    if loader is None:
+        cfg.data.name, loader = import_target(cfg.data.name, "data.name", base_dir)
+    _check_options(loader, cfg.data.options, "data.options")
+    if cfg.guide.name in AUTOGUIDES:
+        _check_options(getattr(autoguide, cfg.guide.name), cfg.guide.options, "guide.options")
+    elif cfg.guide.name != "model":
+        cfg.guide.name, _ = import_target(cfg.guide.name, "guide.name", base_dir)
+
+
+def _check_options(fn: Any, options: dict[str, Any], key: str) -> None:
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # not introspectable: the call will tell
+    try:
+        signature.bind_partial(**options)
+    except TypeError as e:
+        name = getattr(fn, "__name__", str(fn))
+        allowed = ", ".join(p for p in signature.parameters if p not in ("self", "model"))
+        raise ConfigError(key, f"{e} (options of {name}: {allowed or 'none'})") from None
+
+
 def builtin_num_rows(name: str, options: dict[str, Any]) -> int | None:
     """Rows of a built-in dataset, known without loading it (None for user loaders)."""
     fixed = {"breast_cancer": 569, "digits": 1797}
     if name in fixed:
         return fixed[name]
     if name in ("synthetic_hierarchical", "synthetic_gmm"):
-        default = 100_000 if name == "synthetic_hierarchical" else 3000
-        return int(options.get("num_points", default))
+        num = options.get("num_points", 100_000 if name == "synthetic_hierarchical" else 3000)
+        _require(
+            isinstance(num, int) and not isinstance(num, bool),
+            "data.options.num_points",
+            f"must be an integer, got {num!r}",
+        )
+        return num
     return None
 
 

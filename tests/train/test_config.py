@@ -37,6 +37,9 @@ CASES = [
     ("val-fraction", None, ["data.val_fraction=1.5"], "data.val_fraction"),
     ("bad-optimizer", None, ["optim.name=Adamm"], "optim.name"),
     ("override-no-equals", None, ["run.steps"], "run.steps"),
+    ("unknown-model-option", None, ["model.options.colour=red"], "model.options"),
+    ("unknown-data-option", None, ["data.options.rows=5"], "data.options"),
+    ("unknown-guide-option", None, ["guide.options.init_scal=0.1"], "guide.options"),
     ("missing-model-file", None, ["model.name=no_such_file.py:model"], "model.name"),
     ("model-does-not-import", None, ["model.name={broken}:model"], "model.name"),
     (
