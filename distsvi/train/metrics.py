@@ -81,18 +81,20 @@ class Progress:
 
     def update(self, step: int, values: dict[str, float]) -> None:
         """Report progress at ``step`` (a log step) with its scalars."""
+        shown = {  # a validation step between log steps carries only loss/val
+            "loss": ("loss/train", ".6g"),
+            "val": ("loss/val", ".6g"),
+            "lr": ("optim/lr", ".3g"),
+            "samples/s": ("perf/samples_per_s", ".0f"),
+            "ms/step": ("perf/step_ms", ".2f"),
+        }
+        parts = {k: format(values[tag], fmt) for k, (tag, fmt) in shown.items() if tag in values}
         if self.mode == "bar":
             self.bar.update(step - self.last)
-            self.bar.set_postfix(
-                loss=f"{values['loss/train']:.4g}", samples_s=f"{values['perf/samples_per_s']:.0f}"
-            )
+            self.bar.set_postfix(parts)
         elif self.mode == "log":
-            extra = f" val {values['loss/val']:.6g}" if "loss/val" in values else ""
             print(
-                f"step {step}/{self.total} loss {values.get('loss/train', float('nan')):.6g}{extra} "
-                f"lr {values.get('optim/lr', float('nan')):.3g} "
-                f"{values.get('perf/samples_per_s', 0.0):.0f} samples/s "
-                f"{values.get('perf/step_ms', 0.0):.2f} ms/step",
+                f"step {step}/{self.total} " + " ".join(f"{k} {v}" for k, v in parts.items()),
                 flush=True,
             )
         self.last = step
