@@ -224,10 +224,10 @@ def load_params(job: Job, state: dict[str, Any]) -> None:
                 own[name].copy_(value)
 
 
-def read_checkpoint(job: Job, ckpt: Checkpointer, resume: str) -> tuple[dict, Path] | None:
-    """Rank 0 picks and reads the checkpoint (``auto``: the newest that loads; or a path)
-    and sends it to the others, so every rank resumes from the same one and nodes need no
-    shared file system to read it."""
+def read_checkpoint(job: Job, ckpt: Checkpointer | None, resume: str) -> tuple[dict, Path] | None:
+    """Rank 0 picks and reads the checkpoint (``auto``: the newest in ``ckpt`` that loads;
+    or the path ``resume``) and sends it to the others, so every rank resumes from the same
+    one and nodes need no shared file system to read it."""
     found = None
     if job.group.is_main and resume != "never":
         found = ckpt.latest() if resume == "auto" else (load(resume), Path(resume))
@@ -240,9 +240,7 @@ def read_checkpoint(job: Job, ckpt: Checkpointer, resume: str) -> tuple[dict, Pa
 
 def restore(job: Job, ckpt: Checkpointer) -> int:
     """Resume per ``checkpoint.resume``: set params, optimizer, data position and RNG;
-    return the number of steps already done.
-
-    """
+    return the number of steps already done (0 for a fresh start)."""
     cfg, group = job.cfg, job.group
     found = read_checkpoint(job, ckpt, cfg.checkpoint.resume)
     if found is None:

@@ -196,6 +196,7 @@ def build_model(cfg: TrainConfig) -> tuple[Any, Callable]:
 
 
 def build_guide(cfg: TrainConfig, model_obj: Any, model: Callable) -> Callable:
+    """An autoguide of ``model``, the model class's own ``guide``, or the user's function."""
     name = cfg.guide.name
     if name in AUTOGUIDES:
         try:
@@ -312,6 +313,7 @@ def validate(job: Job, seed: int) -> float:
 
 
 def cuda_devices(group: distributed.ProcessGroup) -> list[int]:
+    """The CUDA device this rank draws random numbers on, for ``fork_rng`` (none on CPU)."""
     return [group.device.index or 0] if group.device.type == "cuda" else []
 
 

@@ -122,10 +122,7 @@ def _job_from_checkpoint(cfg: TrainConfig, path: str) -> tuple[Job, dict[str, An
     group = _init(cfg)
     distsvi.set_rng_seed(rank_seed(cfg.run.seed, group.rank))
     job = build_job(cfg, group)
-    found = checkpoint.read_checkpoint(
-        job, checkpoint.Checkpointer(Path(path).parent, 0, 1, False), path
-    )
-    state, _ = found
+    state, _ = checkpoint.read_checkpoint(job, None, path)
     checkpoint.load_params(job, state)
     return job, state
 
