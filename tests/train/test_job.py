@@ -8,7 +8,16 @@ import time
 
 import pytest
 import torch
-from train_helpers import CONFIGS, REPO, assert_params_close, dirs, final_params, run_cli, scalars
+from train_helpers import (
+    CONFIGS,
+    REPO,
+    assert_params_close,
+    dirs,
+    final_params,
+    run_cli,
+    scalars,
+    text_tags,
+)
 
 from distsvi import cli
 from distsvi.train import checkpoint
@@ -35,6 +44,7 @@ def test_quickstart_readme_command(tmp_path):
     val = found["loss/val"]
     assert val[max(val)] < val[min(val)]
     assert (tmp_path / "ck" / "config.yaml").is_file()
+    assert "config/text_summary" in text_tags(tmp_path / "tb")
 
 
 @pytest.mark.parametrize(

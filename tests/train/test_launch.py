@@ -55,6 +55,7 @@ def reference(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("reference")
     proc = run_launch(["--nproc-per-node", "2", *JOB, *dirs(root)], timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (root / "stdout.txt").write_text(proc.stdout)
     return root
 
 
@@ -64,6 +65,9 @@ def test_two_processes_one_events_file_and_eval_matches(reference, capsys):
 
     files = event_files(reference / "tb")
     assert len(files) == 1
+    stdout = (reference / "stdout.txt").read_text()
+    assert stdout.count(f"step {STEPS}/{STEPS} ") == 1  # rank 1 stays quiet
+    assert stdout.count("held-out accuracy") == 1
     logged = scalars(reference / "tb")["loss/val"][STEPS]
     ck = reference / "ck" / f"step_{STEPS:08d}.pt"
     assert cli.main(["eval", JOB[0], "--checkpoint", str(ck), *JOB[1:], *dirs(reference)]) == 0

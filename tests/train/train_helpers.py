@@ -79,6 +79,18 @@ def scalars(logdir: Path) -> dict[str, dict[int, float]]:
     return out
 
 
+def text_tags(logdir: Path) -> set[str]:
+    """Tags of the text summaries (``add_text``) in ``logdir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: set[str] = set()
+    for path in event_files(logdir):
+        acc = EventAccumulator(str(path))
+        acc.Reload()
+        tags.update(acc.Tags()["tensors"])
+    return tags
+
+
 def final_params(ckdir: Path) -> dict[str, torch.Tensor]:
     files = sorted(ckdir.glob("step_*.pt"))
     return torch.load(files[-1], weights_only=True)["params"]
