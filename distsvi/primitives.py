@@ -29,6 +29,34 @@ def is_validation_enabled() -> bool:
     return _VALIDATION["enabled"]
 
 
+def new_message(
+    kind: str,
+    name: str,
+    fn: Any,
+    args: tuple,
+    kwargs: dict,
+    value: Any = None,
+    infer: dict | None = None,
+) -> dict:
+    """A fresh message with Pyro's keys (see :class:`~distsvi.poutine.runtime.Message`)."""
+    return {
+        "type": kind,
+        "name": name,
+        "fn": fn,
+        "args": args,
+        "kwargs": kwargs,
+        "value": value,
+        "is_observed": kind == "sample" and value is not None,
+        "infer": {} if infer is None else infer,
+        "scale": 1.0,
+        "mask": None,
+        "cond_indep_stack": (),
+        "done": False,
+        "stop": False,
+        "continuation": None,
+    }
+
+
 def _draw(fn: Any) -> torch.Tensor:
     return fn.rsample() if fn.has_rsample else fn.sample()
 
@@ -56,22 +84,7 @@ def sample(
         return obs if obs is not None else _draw(fn)
     if obs_mask is not None:
         return _masked_observe(name, fn, obs, obs_mask, infer, args, kwargs)
-    msg = {
-        "type": "sample",
-        "name": name,
-        "fn": fn,
-        "args": args,
-        "kwargs": kwargs,
-        "value": obs,
-        "is_observed": obs is not None,
-        "infer": {} if infer is None else infer,
-        "scale": 1.0,
-        "mask": None,
-        "cond_indep_stack": (),
-        "done": False,
-        "stop": False,
-        "continuation": None,
-    }
+    msg = new_message("sample", name, fn, args, kwargs, obs, infer)
     apply_stack(msg)
     return msg["value"]
 
@@ -109,22 +122,9 @@ def param(
     """
     if not _STACK:
         return _PARAM_STORE.get_param(name, init_tensor, constraint, event_dim)
-    msg = {
-        "type": "param",
-        "name": name,
-        "fn": _get_param,
-        "args": (name, init_tensor, constraint),
-        "kwargs": {"event_dim": event_dim},
-        "value": None,
-        "is_observed": False,
-        "infer": {},
-        "scale": 1.0,
-        "mask": None,
-        "cond_indep_stack": (),
-        "done": False,
-        "stop": False,
-        "continuation": None,
-    }
+    msg = new_message(
+        "param", name, _get_param, (name, init_tensor, constraint), {"event_dim": event_dim}
+    )
     apply_stack(msg)
     return msg["value"]
 
@@ -139,7 +139,10 @@ def deterministic(name: str, value: torch.Tensor, event_dim: int | None = None) 
     """Record ``value`` in traces as site ``name`` (an observed Delta, no density)."""
     event_dim = value.dim() if event_dim is None else event_dim
     return sample(
-        name, dist.Delta(value, event_dim=event_dim).mask(False), obs=value, infer={"_deterministic": True}
+        name,
+        dist.Delta(value, event_dim=event_dim).mask(False),
+        obs=value,
+        infer={"_deterministic": True},
     )
 
 
@@ -193,7 +196,9 @@ def _allocate_dim(name: str, dim: int | None) -> int:
         while dim in _ALLOCATED_DIMS:
             dim -= 1
     elif dim >= 0:
-        raise ValueError(f"plate {name!r}: dim must be negative (counted from the right), got {dim}")
+        raise ValueError(
+            f"plate {name!r}: dim must be negative (counted from the right), got {dim}"
+        )
     elif dim in _ALLOCATED_DIMS:
         raise ValueError(
             f"plate {name!r} wants dim={dim}, but an enclosing plate already uses that dim. "
@@ -268,22 +273,9 @@ class plate(Messenger):
         else:
             # Every plate announces its indices, full ones too, so that a guide's draw is
             # replayed into a model plate declared without subsample_size (as in Pyro).
-            msg = {
-                "type": "subsample",
-                "name": self.name,
-                "fn": self._randperm,
-                "args": (),
-                "kwargs": {"size": self.size, "subsample_size": self.subsample_size},
-                "value": self._subsample,
-                "is_observed": False,
-                "infer": {},
-                "scale": None,
-                "mask": None,
-                "cond_indep_stack": (),
-                "done": False,
-                "stop": False,
-                "continuation": None,
-            }
+            kwargs = {"size": self.size, "subsample_size": self.subsample_size}
+            msg = new_message("subsample", self.name, self._randperm, (), kwargs, self._subsample)
+            msg["scale"] = None  # a handler may set the plate's scale (rank shards do)
             apply_stack(msg)
             idx, scale = msg["value"], msg["scale"]
         n = len(idx)
