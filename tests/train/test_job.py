@@ -241,3 +241,49 @@ def test_per_param_options_by_name_prefix():
     assert scheduler is None
     assert optim._args_for("AutoNormal.scales.w")["lr"] == 0.001
     assert optim._args_for("AutoNormal.locs.w")["lr"] == cfg.optim.lr
+
+
+COUNTING_MODEL = '''
+import torch
+import distsvi
+import distsvi.distributions as dist
+from distsvi.train.models import rows
+
+
+class Counting(torch.nn.Module):
+    """Logistic regression whose module keeps a buffer: the number of model runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(30, 1)
+        self.register_buffer("runs", torch.zeros(()))
+
+    def model(self, x, y=None, *, size, subsample_size=None, subsample=None):
+        distsvi.module("counting", self)
+        self.runs += 1
+        with distsvi.plate("data", size, subsample_size=subsample_size, subsample=subsample) as idx:
+            x, y = rows(idx, subsample, x, y)
+            distsvi.sample("obs", dist.Bernoulli(logits=self.linear(x).squeeze(-1)), obs=y)
+
+    def guide(self, *args, **kwargs):
+        pass
+'''
+
+
+def test_module_buffers_are_checkpointed_and_restored(tmp_path):
+    (tmp_path / "counting.py").write_text(COUNTING_MODEL)
+    job = [
+        str(CONFIGS / "debug.yaml"),
+        f"model.name={tmp_path / 'counting.py'}:Counting",
+        "guide.name=model",
+        "checkpoint.resume=auto",
+        "run.progress=none",
+    ]
+    train(*job, "run.steps=20", *dirs(tmp_path / "a"))
+    train(*job, "run.steps=10", *dirs(tmp_path / "b"))
+    train(*job, "run.steps=20", *dirs(tmp_path / "b"))
+    a = torch.load(tmp_path / "a" / "ck" / "step_00000020.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "ck" / "step_00000020.pt", weights_only=True)
+    assert a["buffers"]["runs"] > 20
+    assert a["buffers"]["runs"] == b["buffers"]["runs"]
+    assert_params_close(a["params"], b["params"])
