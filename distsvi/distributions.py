@@ -9,20 +9,23 @@ be passed to :func:`distsvi.sample`.
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributions as _td
-from torch.distributions import constraints, kl_divergence as _torch_kl, register_kl
+from torch.distributions import constraints, register_kl
+from torch.distributions import kl_divergence as _torch_kl
 from torch.distributions.utils import broadcast_all
 
-__all__ = ["constraints", "kl_divergence", "Delta", "MaskedDistribution", "DistributionMixin"]
+__all__ = ["Delta", "DistributionMixin", "MaskedDistribution", "constraints", "kl_divergence"]
+
+_NO_SHAPE = torch.Size()
 
 
 class DistributionMixin:
     """Pyro's shape helpers, added to every distribution class of this module."""
 
-    def __call__(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+    def __call__(self, sample_shape: torch.Size = _NO_SHAPE) -> torch.Tensor:
         return self.rsample(sample_shape) if self.has_rsample else self.sample(sample_shape)
 
     def to_event(self, reinterpreted_batch_ndims: int | None = None):
@@ -43,7 +46,7 @@ class DistributionMixin:
             return self
         return MaskedDistribution(self, mask)
 
-    def shape(self, sample_shape: torch.Size = torch.Size()) -> torch.Size:
+    def shape(self, sample_shape: torch.Size = _NO_SHAPE) -> torch.Size:
         return torch.Size(sample_shape) + self.batch_shape + self.event_shape
 
 
@@ -60,11 +63,13 @@ for _name in _td.__all__:
         _namespace[_name] = _export(_cls)
         __all__.append(_name)
 
+Independent: type = _namespace["Independent"]  # what DistributionMixin.to_event builds
+
 
 class MaskedDistribution(_td.Distribution, DistributionMixin):
     """Wrap ``base_dist`` so that its log-density is zero where ``mask`` is False."""
 
-    arg_constraints: dict = {}
+    arg_constraints: ClassVar[dict] = {}
 
     def __init__(self, base_dist: _td.Distribution, mask: bool | torch.Tensor) -> None:
         if isinstance(mask, bool):
@@ -94,12 +99,14 @@ class MaskedDistribution(_td.Distribution, DistributionMixin):
 
     def expand(self, batch_shape, _instance=None):
         batch_shape = torch.Size(batch_shape)
-        return MaskedDistribution(self.base_dist.expand(batch_shape), self._mask.expand(batch_shape))
+        return MaskedDistribution(
+            self.base_dist.expand(batch_shape), self._mask.expand(batch_shape)
+        )
 
-    def sample(self, sample_shape=torch.Size()):
+    def sample(self, sample_shape=_NO_SHAPE):
         return self.base_dist.sample(sample_shape)
 
-    def rsample(self, sample_shape=torch.Size()):
+    def rsample(self, sample_shape=_NO_SHAPE):
         return self.base_dist.rsample(sample_shape)
 
     def log_prob(self, value):
@@ -127,7 +134,7 @@ class Delta(_td.Distribution, DistributionMixin):
     """
 
     has_rsample = True
-    arg_constraints = {"v": constraints.dependent, "log_density": constraints.real}
+    arg_constraints: ClassVar[dict] = {"v": constraints.dependent, "log_density": constraints.real}
 
     def __init__(
         self, v: torch.Tensor, log_density: Any = 0.0, event_dim: int = 0, validate_args=None
@@ -137,7 +144,9 @@ class Delta(_td.Distribution, DistributionMixin):
         batch_dim = v.dim() - event_dim
         batch_shape, event_shape = v.shape[:batch_dim], v.shape[batch_dim:]
         if isinstance(log_density, (int, float)):
-            log_density = torch.full(batch_shape, float(log_density), dtype=v.dtype, device=v.device)
+            log_density = torch.full(
+                batch_shape, float(log_density), dtype=v.dtype, device=v.device
+            )
         elif log_density.shape != batch_shape:
             log_density = log_density.expand(batch_shape)
         self.v = v
@@ -153,10 +162,10 @@ class Delta(_td.Distribution, DistributionMixin):
         v = self.v.expand(batch_shape + self.event_shape)
         return Delta(v, self.log_density.expand(batch_shape), len(self.event_shape))
 
-    def rsample(self, sample_shape=torch.Size()):
+    def rsample(self, sample_shape=_NO_SHAPE):
         return self.v.expand(torch.Size(sample_shape) + self.v.shape)
 
-    def sample(self, sample_shape=torch.Size()):
+    def sample(self, sample_shape=_NO_SHAPE):
         return self.rsample(sample_shape).detach()
 
     def log_prob(self, x):

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -57,7 +58,9 @@ class PyroOptim:
         clip_args: dict | None = None,
     ) -> None:
         if not (isinstance(optim_args, dict) or callable(optim_args)):
-            raise TypeError(f"optim_args must be a dict or a callable name -> dict, got {optim_args!r}")
+            raise TypeError(
+                f"optim_args must be a dict or a callable name -> dict, got {optim_args!r}"
+            )
         self.pt_optim_constructor = optim_constructor
         self.pt_optim_args = optim_args
         self.pt_clip_args = clip_args or {}
@@ -223,14 +226,30 @@ class _ClippedAdamTorch(torch.optim.Optimizer):
     ``(grad - exp_avg)**2``.
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 clip_norm=10.0, lrd=1.0, centered_variance=False):
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        clip_norm=10.0,
+        lrd=1.0,
+        centered_variance=False,
+    ):
         if not lr > 0:
             raise ValueError(f"ClippedAdam lr must be > 0, got {lr}")
         if not clip_norm > 0:
             raise ValueError(f"ClippedAdam clip_norm must be > 0, got {clip_norm}")
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        clip_norm=clip_norm, lrd=lrd, centered_variance=centered_variance)
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "clip_norm": clip_norm,
+            "lrd": lrd,
+            "centered_variance": centered_variance,
+        }
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -296,7 +315,9 @@ class PyroLRScheduler(PyroOptim):
     schedule has advanced starts a new pair.
     """
 
-    def __init__(self, scheduler_constructor: type, optim_args: dict, clip_args: dict | None = None):
+    def __init__(
+        self, scheduler_constructor: type, optim_args: dict, clip_args: dict | None = None
+    ):
         args = dict(optim_args)
         try:
             optimizer = args.pop("optimizer")
@@ -368,7 +389,11 @@ class PyroLRScheduler(PyroOptim):
     def set_state(self, state: dict) -> None:
         super().set_state(state["params"])
         for saved in state.get("cohorts", []):
-            live = {id(self._cohort_of[n]): self._cohort_of[n] for n in saved["names"] if n in self._cohort_of}
+            live = {
+                id(self._cohort_of[n]): self._cohort_of[n]
+                for n in saved["names"]
+                if n in self._cohort_of
+            }
             if live:
                 for cohort in live.values():
                     cohort.scheduler.load_state_dict(saved["scheduler"])
@@ -390,13 +415,23 @@ _SCHEDULERS = {
     name: cls
     for name, cls in vars(torch.optim.lr_scheduler).items()
     if isinstance(cls, type)
-    and issubclass(cls, (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau))
+    and issubclass(
+        cls, (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    )
     and not name.startswith("_")
     and name not in ("LRScheduler", "_LRScheduler")
 }
 globals().update({name: _scheduler(cls) for name, cls in _SCHEDULERS.items()})
 
 __all__ = [
-    "PyroOptim", "PyroLRScheduler", "Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adadelta",
-    "ClippedAdam", *_SCHEDULERS,
+    "SGD",
+    "Adadelta",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "ClippedAdam",
+    "PyroLRScheduler",
+    "PyroOptim",
+    "RMSprop",
 ]
+__all__ += list(_SCHEDULERS)

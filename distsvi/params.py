@@ -8,7 +8,8 @@ same map Pyro uses, so gradients agree with Pyro's.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch.distributions import constraints, transform_to

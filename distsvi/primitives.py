@@ -7,7 +7,8 @@ reads the store); inside handlers it builds one message and runs the stack.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.distributions import constraints

@@ -7,7 +7,8 @@ nothing calls ``.item()``: the loss stays a tensor until :meth:`SVI.step` return
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -77,7 +78,9 @@ class ELBO:
         if key in self._checked:
             return
         model_latent = {
-            n for n, s in model_trace.nodes.items() if s["type"] == "sample" and not s["is_observed"]
+            n
+            for n, s in model_trace.nodes.items()
+            if s["type"] == "sample" and not s["is_observed"]
         }
         guide_latent = {
             n
@@ -283,7 +286,9 @@ class TraceMeanField_ELBO(ELBO):
             try:
                 kl = kl_divergence(guide_site["fn"], model_site["fn"])
             except NotImplementedError:
-                elbo = elbo + model_site["log_prob_sum"] - guide_site["score_parts"].entropy_term.sum()
+                elbo = (
+                    elbo + model_site["log_prob_sum"] - guide_site["score_parts"].entropy_term.sum()
+                )
                 continue
             kl = scale_and_mask(kl, guide_site["scale"], guide_site["mask"])
             elbo = elbo - kl.sum()

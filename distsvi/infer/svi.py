@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -124,7 +125,7 @@ class SVI:
         ):
             # lr is a float in the param group: a scheduler would force a recompile per change.
             compiled_opt = torch.compile(optimizer.step, **self._compile_options)
-            optim_step = lambda _params: compiled_opt()  # noqa: E731
+            optim_step = lambda _params: compiled_opt()
         self._compiled = (loss_fn, optim_step, dict(params), len(_PARAM_STORE))
 
     def _step_compiled(self, args: tuple, kwargs: dict) -> float:

@@ -5,6 +5,16 @@ from .runtime import Messenger, am_i_wrapped, apply_stack
 from .trace_struct import Trace
 
 __all__ = [
-    "Messenger", "Trace", "am_i_wrapped", "apply_stack",
-    "block", "condition", "mask", "replay", "scale", "seed", "substitute", "trace",
+    "Messenger",
+    "Trace",
+    "am_i_wrapped",
+    "apply_stack",
+    "block",
+    "condition",
+    "mask",
+    "replay",
+    "scale",
+    "seed",
+    "substitute",
+    "trace",
 ]

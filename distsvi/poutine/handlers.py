@@ -11,7 +11,8 @@ Every handler works three ways, as in Pyro::
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 

@@ -16,11 +16,12 @@ it and change it:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, TypedDict
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypedDict
 
 import torch
 
-_STACK: list["Messenger"] = []
+_STACK: list[Messenger] = []
 
 
 class CondIndepStackFrame(NamedTuple):
@@ -68,7 +69,7 @@ class Message(TypedDict, total=False):
     cond_indep_stack: tuple
     done: bool
     stop: bool
-    continuation: Callable[["Message"], None] | None
+    continuation: Callable[[Message], None] | None
 
 
 def am_i_wrapped() -> bool:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from itertools import zip_longest
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -85,7 +86,7 @@ class Trace:
                 )
         self.nodes[name] = kwargs
 
-    def copy(self) -> "Trace":
+    def copy(self) -> Trace:
         new = Trace(self.graph_type)
         new.nodes = OrderedDict((k, dict(v)) for k, v in self.nodes.items())
         return new
@@ -171,7 +172,9 @@ class Trace:
         for name, site in self.nodes.items():
             if site["type"] == "sample":
                 fn = site["fn"]
-                rows.append(f"  {name}: batch {tuple(fn.batch_shape)} event {tuple(fn.event_shape)}")
+                rows.append(
+                    f"  {name}: batch {tuple(fn.batch_shape)} event {tuple(fn.event_shape)}"
+                )
         return "\n".join(rows)
 
 
