@@ -6,27 +6,47 @@ Port a Pyro model by changing imports::
     import distsvi.distributions as dist
     from distsvi.infer import SVI, Trace_ELBO
     from distsvi.optim import Adam
+
+The names below load on first use, so ``distsvi``'s command line can refuse a bad config
+before torch is imported.
 """
 
-from . import distributions, infer, optim, poutine
-from .params import clear_param_store, get_param_store
-from .poutine.handlers import set_rng_seed
-from .primitives import (
-    deterministic,
-    enable_validation,
-    factor,
-    is_validation_enabled,
-    module,
-    param,
-    plate,
-    sample,
-    subsample,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "clear_param_store", "deterministic", "distributions", "enable_validation", "factor",
-    "get_param_store", "infer", "is_validation_enabled", "module", "optim", "param", "plate",
-    "poutine", "sample", "set_rng_seed", "subsample",
-]
+_SUBMODULES = ("distributions", "infer", "optim", "poutine")
+_NAMES = {
+    "clear_param_store": ".params",
+    "get_param_store": ".params",
+    "set_rng_seed": ".poutine.handlers",
+    "deterministic": ".primitives",
+    "enable_validation": ".primitives",
+    "factor": ".primitives",
+    "is_validation_enabled": ".primitives",
+    "module": ".primitives",
+    "param": ".primitives",
+    "plate": ".primitives",
+    "sample": ".primitives",
+    "subsample": ".primitives",
+}
+
+__all__ = sorted([*_SUBMODULES, *_NAMES])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    elif name in _NAMES:
+        value = getattr(importlib.import_module(_NAMES[name], __name__), name)
+    else:
+        raise AttributeError(f"module 'distsvi' has no attribute {name!r}")
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_SUBMODULES, *_NAMES])

@@ -27,7 +27,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from distsvi.train import loop
 from distsvi.train.config import ConfigError, TrainConfig, load_config, to_yaml
 
 
@@ -81,6 +80,7 @@ def run(args: argparse.Namespace, cfg: TrainConfig) -> int:
     if args.command == "config":
         print(to_yaml(cfg), end="")
         return 0
+    from distsvi.train import loop  # torch loads here, once the config is known good
     if args.command == "train":
         loop.train(cfg)
     elif args.command == "eval":
