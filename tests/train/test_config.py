@@ -106,7 +106,7 @@ def test_refused_in_a_fresh_process(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "run.stepz" in proc.stderr and "Did you mean" in proc.stderr
     assert not (tmp_path / "ck").exists()
-    assert elapsed < 10.0  # mostly interpreter and torch start-up
+    assert elapsed < 2.0  # the config is refused before torch is imported
 
 
 def test_embedded_config_matches_repository_copy():
