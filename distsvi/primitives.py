@@ -6,7 +6,6 @@ reads the store); inside handlers it builds one message and runs the stack.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +14,7 @@ from torch.distributions import constraints
 
 from . import distributions as dist
 from .params import _PARAM_STORE, param_with_module_name
-from .poutine.runtime import _STACK, CondIndepStackFrame, Messenger, apply_stack
+from .poutine.runtime import _STACK, CondIndepStackFrame, Message, Messenger, _draw, apply_stack
 
 _VALIDATION = {"enabled": True}
 
@@ -27,6 +26,7 @@ def enable_validation(is_validate: bool = True) -> None:
 
 
 def is_validation_enabled() -> bool:
+    """Whether :func:`enable_validation` left the checks on."""
     return _VALIDATION["enabled"]
 
 
@@ -38,7 +38,7 @@ def new_message(
     kwargs: dict,
     value: Any = None,
     infer: dict | None = None,
-) -> dict:
+) -> Message:
     """A fresh message with Pyro's keys (see :class:`~distsvi.poutine.runtime.Message`)."""
     return {
         "type": kind,
@@ -56,10 +56,6 @@ def new_message(
         "stop": False,
         "continuation": None,
     }
-
-
-def _draw(fn: Any) -> torch.Tensor:
-    return fn.rsample() if fn.has_rsample else fn.sample()
 
 
 def sample(
@@ -102,10 +98,6 @@ def _masked_observe(name, fn, obs, obs_mask, infer, args, kwargs):
     return deterministic(name, value, event_dim=len(fn.event_shape))
 
 
-def _get_param(name, init_tensor, constraint, event_dim=None):
-    return _PARAM_STORE.get_param(name, init_tensor, constraint, event_dim)
-
-
 def param(
     name: str,
     init_tensor: torch.Tensor | Callable[[], torch.Tensor] | None = None,
@@ -123,9 +115,8 @@ def param(
     """
     if not _STACK:
         return _PARAM_STORE.get_param(name, init_tensor, constraint, event_dim)
-    msg = new_message(
-        "param", name, _get_param, (name, init_tensor, constraint), {"event_dim": event_dim}
-    )
+    args = (name, init_tensor, constraint)
+    msg = new_message("param", name, _PARAM_STORE.get_param, args, {"event_dim": event_dim})
     apply_stack(msg)
     return msg["value"]
 
@@ -167,13 +158,19 @@ class _Unit(dist.Delta):
         return self.log_density
 
 
-def module(name: str, nn_module: torch.nn.Module, update_module_params: bool = False):
+def module(
+    name: str, nn_module: torch.nn.Module, update_module_params: bool = False
+) -> torch.nn.Module:
     """Register the parameters of ``nn_module`` in the param store as ``name$$$param``.
 
     The store then holds the module's own parameter tensors, so optimizing the store
     trains the module. A param already in the store (e.g. loaded from a checkpoint)
     is copied into the module first.
 
+    :param name: the prefix of the params' names.
+    :param nn_module: the module to register.
+    :param update_module_params: Pyro's switch for copying stored values into the module;
+        here they always are, so it has no effect.
     :returns: the module.
     """
     store = _PARAM_STORE
@@ -209,7 +206,29 @@ def _allocate_dim(name: str, dim: int | None) -> int:
     return dim
 
 
-class plate(Messenger):
+class _PlateFrame(Messenger):
+    """Puts ``self._frame`` on every sample site inside and scales its log-density."""
+
+    _frame: CondIndepStackFrame | None
+    _scale: float
+
+    def process_message(self, msg: Message) -> None:
+        if msg["type"] == "sample":
+            msg["cond_indep_stack"] = (self._frame,) + msg["cond_indep_stack"]
+            if self._scale != 1.0:
+                msg["scale"] = self._scale * msg["scale"]
+
+
+class _SequentialPlate(_PlateFrame):
+    """One iteration of a sequential plate."""
+
+    def __init__(self, frame: CondIndepStackFrame, scale: float) -> None:
+        super().__init__(None)
+        self._frame = frame
+        self._scale = scale
+
+
+class plate(_PlateFrame):
     """A conditionally independent batch of size ``size``, optionally subsampled.
 
     ``with plate("data", N, subsample_size=B) as idx:`` draws ``B`` indices (``idx``),
@@ -222,6 +241,7 @@ class plate(Messenger):
         (a guide's draw is replayed into the model).
     :param subsample: explicit indices (e.g. from a DataLoader); they win over any draw.
     :param dim: the batch dim (negative); by default the rightmost free one.
+    :param device: where the drawn indices live.
     """
 
     def __init__(
@@ -265,13 +285,7 @@ class plate(Messenger):
         self.indices: torch.Tensor = self._draw_indices()
 
     def _draw_indices(self) -> torch.Tensor:
-        if not _STACK:
-            if self._subsample is not None:
-                idx = self._subsample
-            else:
-                idx = self._randperm(self.size, self.subsample_size)
-            scale = None
-        else:
+        if _STACK:
             # Every plate announces its indices, full ones too, so that a guide's draw is
             # replayed into a model plate declared without subsample_size (as in Pyro).
             kwargs = {"size": self.size, "subsample_size": self.subsample_size}
@@ -279,12 +293,14 @@ class plate(Messenger):
             msg["scale"] = None  # a handler may set the plate's scale (rank shards do)
             apply_stack(msg)
             idx, scale = msg["value"], msg["scale"]
+        elif self._subsample is not None:
+            idx, scale = self._subsample, None
+        else:
+            idx, scale = self._randperm(self.size, self.subsample_size), None
         n = len(idx)
         self.subsample_size = n
         self._subsampled = n < self.size or self._subsample is not None or scale is not None
         self._scale = scale if scale is not None else self.size / n
-        if _STACK:
-            msg["scale"] = self._scale
         return idx
 
     def _randperm(self, size: int, subsample_size: int) -> torch.Tensor:
@@ -311,13 +327,7 @@ class plate(Messenger):
             with _SequentialPlate(frame, scale):
                 yield i
 
-    def process_message(self, msg) -> None:
-        if msg["type"] == "sample":
-            msg["cond_indep_stack"] = (self._frame,) + msg["cond_indep_stack"]
-            if self._scale != 1.0:
-                msg["scale"] = self._scale * msg["scale"]
-
-    def postprocess_message(self, msg) -> None:
+    def postprocess_message(self, msg: Message) -> None:
         # A param declared with event_dim inside a subsampled plate has full-size batch
         # dims: hand out only the rows of this subsample (Pyro's rule).
         if msg["type"] != "param" or msg["kwargs"]["event_dim"] is None:
@@ -337,31 +347,11 @@ class plate(Messenger):
             msg["value"] = value.index_select(dim, self.indices)
 
 
-class _SequentialPlate(Messenger):
-    def __init__(self, frame: CondIndepStackFrame, scale: float) -> None:
-        super().__init__(None)
-        self._frame = frame
-        self._scale = scale
-
-    def process_message(self, msg) -> None:
-        if msg["type"] == "sample":
-            msg["cond_indep_stack"] = (self._frame,) + msg["cond_indep_stack"]
-            if self._scale != 1.0:
-                msg["scale"] = self._scale * msg["scale"]
-
-
 def subsample(data: torch.Tensor, event_dim: int = 0) -> torch.Tensor:
     """Index ``data`` by the indices of the active subsampled plates (Pyro's helper)."""
     for handler in reversed(_STACK):
-        if isinstance(handler, plate) and handler.indices is not None:
-            if handler._subsampled:
-                dim = handler.dim - event_dim
-                if data.size(dim) == handler.size:
-                    data = data.index_select(dim, handler.indices)
+        if isinstance(handler, plate) and handler._subsampled:
+            dim = handler.dim - event_dim
+            if data.size(dim) == handler.size:
+                data = data.index_select(dim, handler.indices)
     return data
-
-
-def warn_once(message: str, _seen: set = set()) -> None:
-    if message not in _seen:
-        _seen.add(message)
-        warnings.warn(message, stacklevel=3)

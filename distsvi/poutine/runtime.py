@@ -139,14 +139,17 @@ def _broadcast(msg: Message) -> None:
         msg["fn"] = fn.expand(torch.Size(target))
 
 
+def _draw(fn: Any) -> torch.Tensor:
+    return fn.rsample() if fn.has_rsample else fn.sample()
+
+
 def default_process_message(msg: Message) -> None:
     """Plates broadcast a sample site's distribution; an unset value is drawn from it."""
     if msg["type"] == "sample":
         if msg["cond_indep_stack"]:
             _broadcast(msg)
         if msg["value"] is None and not msg["done"]:
-            fn = msg["fn"]
-            msg["value"] = fn.rsample() if fn.has_rsample else fn.sample()
+            msg["value"] = _draw(msg["fn"])
     elif msg["value"] is None and not msg["done"]:
         msg["value"] = msg["fn"](*msg["args"], **msg["kwargs"])
     msg["done"] = True
