@@ -241,6 +241,7 @@ class plate(_PlateFrame):
         (a guide's draw is replayed into the model).
     :param subsample: explicit indices (e.g. from a DataLoader); they win over any draw.
     :param dim: the batch dim (negative); by default the rightmost free one.
+    :param use_cuda: Pyro's older spelling of ``device="cuda"``.
     :param device: where the drawn indices live.
     """
 
@@ -255,6 +256,8 @@ class plate(_PlateFrame):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(None)
+        if use_cuda and device is None:
+            device = "cuda"
         if subsample is not None:
             subsample = torch.as_tensor(subsample)
             if subsample.dim() != 1:
@@ -348,10 +351,26 @@ class plate(_PlateFrame):
 
 
 def subsample(data: torch.Tensor, event_dim: int = 0) -> torch.Tensor:
-    """Index ``data`` by the indices of the active subsampled plates (Pyro's helper)."""
+    """Index ``data`` by the indices of the active subsampled plates (Pyro's helper).
+
+    :param data: a batch of data, at each plate's full size in that plate's dim.
+    :param event_dim: how many rightmost dims of ``data`` are event dims.
+    :returns: ``data`` restricted to the current subsample.
+    """
     for handler in reversed(_STACK):
-        if isinstance(handler, plate) and handler._subsampled:
-            dim = handler.dim - event_dim
-            if data.size(dim) == handler.size:
-                data = data.index_select(dim, handler.indices)
+        if not (isinstance(handler, plate) and handler._subsampled):
+            continue
+        dim = handler.dim - event_dim
+        if data.dim() < -dim or data.size(dim) == 1:
+            continue  # broadcasts over this plate
+        if data.size(dim) != handler.size:
+            if is_validation_enabled():
+                raise ValueError(
+                    f"subsample(..., event_dim={event_dim}) inside plate({handler.name!r}, "
+                    f"{handler.size}, dim={handler.dim}): data of shape {tuple(data.shape)} "
+                    f"has size {data.size(dim)} at dim {dim}; pass the full data (size "
+                    f"{handler.size} there), or fix event_dim"
+                )
+            continue
+        data = data.index_select(dim, handler.indices)
     return data

@@ -392,6 +392,15 @@ def test_subsample_primitive_indexes_data_inside_a_subsampled_plate():
     assert torch.equal(got2, data[idx])
 
 
+def test_subsample_primitive_leaves_data_without_the_plate_dim_and_refuses_a_wrong_size():
+    idx = torch.tensor([1, 2])
+    with pyro.plate("rows", 5, subsample=idx, dim=-2):
+        short = torch.arange(3.0)  # no dim -2: broadcasts over the plate, as in Pyro
+        assert torch.equal(pyro.subsample(short, event_dim=0), short)
+        with pytest.raises(ValueError, match="plate\\('rows', 5, dim=-2\\).*pass the full data"):
+            pyro.subsample(torch.zeros(4, 3), event_dim=0)
+
+
 def test_plate_reentered_and_name_reused_sequentially():
     plate = pyro.plate("data", 4)
     with poutine.trace() as outer:
