@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from itertools import zip_longest
 from typing import Any, NamedTuple
 
@@ -47,6 +47,16 @@ def _site_log_prob(site: dict) -> torch.Tensor:
         ) from e
 
 
+def _fill_log_prob(site: dict) -> torch.Tensor:
+    """Set ``unscaled_log_prob``, ``log_prob`` (scaled and masked) and ``log_prob_sum``."""
+    unscaled = _site_log_prob(site)
+    lp = scale_and_mask(unscaled, site["scale"], site["mask"])
+    site["unscaled_log_prob"] = unscaled
+    site["log_prob"] = lp
+    site["log_prob_sum"] = lp if lp.dim() == 0 else lp.sum()
+    return lp
+
+
 class Trace:
     """The sites of one run of a model or guide, in execution order.
 
@@ -63,7 +73,7 @@ class Trace:
     def __contains__(self, name: str) -> bool:
         return name in self.nodes
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(self.nodes)
 
     def __len__(self) -> int:
@@ -71,65 +81,60 @@ class Trace:
 
     def add_node(self, site_name: str, **kwargs: Any) -> None:
         """Add a site; a second site of the same name is an error (params may repeat)."""
-        name = site_name
-        old = self.nodes.get(name)
+        old = self.nodes.get(site_name)
         if old is not None:
             if old["type"] != kwargs["type"]:
                 raise RuntimeError(
-                    f"site name {name!r} is used by a {old['type']} site and a {kwargs['type']} "
+                    f"site name {site_name!r} is used by a {old['type']} site and a {kwargs['type']} "
                     "site; give each site its own name"
                 )
             if kwargs["type"] != "param":
                 raise RuntimeError(
-                    f"Multiple {kwargs['type']} sites named {name!r}; every sample site needs a "
+                    f"Multiple {kwargs['type']} sites named {site_name!r}; every sample site needs a "
                     "unique name (inside a loop, add the index: f'x_{i}')"
                 )
-        self.nodes[name] = kwargs
+        self.nodes[site_name] = kwargs
 
     def copy(self) -> Trace:
+        """A new trace with a shallow copy of each site."""
         new = Trace(self.graph_type)
         new.nodes = OrderedDict((k, dict(v)) for k, v in self.nodes.items())
         return new
 
     def detach_(self) -> None:
+        """Detach every sample site's value from the autograd graph, in place."""
         for site in self.nodes.values():
             if site["type"] == "sample" and isinstance(site["value"], torch.Tensor):
                 site["value"] = site["value"].detach()
 
-    def compute_log_prob(self, site_filter: Callable[[str, dict], bool] = lambda n, s: True):
+    def compute_log_prob(
+        self, site_filter: Callable[[str, dict], bool] = lambda n, s: True
+    ) -> None:
         """Set ``log_prob`` (scaled and masked), ``unscaled_log_prob`` and ``log_prob_sum``."""
         for name, site in self.nodes.items():
             if site["type"] == "sample" and "log_prob" not in site and site_filter(name, site):
-                lp = _site_log_prob(site)
-                site["unscaled_log_prob"] = lp
-                lp = scale_and_mask(lp, site["scale"], site["mask"])
-                site["log_prob"] = lp
-                site["log_prob_sum"] = lp if lp.dim() == 0 else lp.sum()
+                _fill_log_prob(site)
 
     def compute_score_parts(self) -> None:
         """Set ``score_parts`` (and ``log_prob``) of every sample site."""
         for site in self.nodes.values():
             if site["type"] == "sample" and "score_parts" not in site:
-                lp = _site_log_prob(site)
-                site["unscaled_log_prob"] = lp
-                lp = scale_and_mask(lp, site["scale"], site["mask"])
-                site["log_prob"] = lp
-                site["log_prob_sum"] = lp if lp.dim() == 0 else lp.sum()
+                lp = _fill_log_prob(site)
                 if site["fn"].has_rsample:
                     site["score_parts"] = ScoreParts(lp, 0, lp)
                 else:
                     # The score term is left unscaled: the cost it multiplies carries the scale.
                     site["score_parts"] = ScoreParts(lp, site["unscaled_log_prob"], 0)
 
-    def log_prob_sum(self, site_filter: Callable[[str, dict], bool] = lambda n, s: True):
+    def log_prob_sum(
+        self, site_filter: Callable[[str, dict], bool] = lambda n, s: True
+    ) -> torch.Tensor | float:
         """The total (scaled) log-density of the sample sites that pass ``site_filter``."""
         total = 0.0
         for name, site in self.nodes.items():
             if site["type"] == "sample" and site_filter(name, site):
                 if "log_prob_sum" not in site:
-                    lp = scale_and_mask(_site_log_prob(site), site["scale"], site["mask"])
-                    site["log_prob"] = lp
-                    site["log_prob_sum"] = lp.sum()
+                    _fill_log_prob(site)
                 total = total + site["log_prob_sum"]
         return total
 
@@ -161,13 +166,13 @@ class Trace:
             if s["type"] == "sample" and not s["is_observed"] and not s["fn"].has_rsample
         ]
 
-    def iter_stochastic_nodes(self):
+    def iter_stochastic_nodes(self) -> Iterator[tuple[str, dict]]:
         for name, site in self.nodes.items():
             if site["type"] == "sample" and not site["is_observed"]:
                 yield name, site
 
     def format_shapes(self) -> str:
-        """A table of each sample site's batch/event shape, for error messages."""
+        """A table of each sample site's batch and event shape, for debugging a model."""
         rows = []
         for name, site in self.nodes.items():
             if site["type"] == "sample":
