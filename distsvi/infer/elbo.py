@@ -15,11 +15,15 @@ import torch
 from .. import primitives
 from ..distributions import kl_divergence
 from ..poutine import handlers as poutine
-from ..poutine.trace_struct import Trace, check_site_shape, scale_and_mask
+from ..poutine.trace_struct import Trace, check_site_shape, plate_nesting, scale_and_mask
 
 
 def _is_zero(x: Any) -> bool:
     return isinstance(x, (int, float)) and x == 0
+
+
+def _detach(x: Any) -> Any:
+    return x.detach() if isinstance(x, torch.Tensor) else x
 
 
 class ELBO:
@@ -77,11 +81,7 @@ class ELBO:
         key = (tuple(model_trace.nodes), tuple(guide_trace.nodes))
         if key in self._checked:
             return
-        model_latent = {
-            n
-            for n, s in model_trace.nodes.items()
-            if s["type"] == "sample" and not s["is_observed"]
-        }
+        model_latent = set(model_trace.stochastic_nodes)
         guide_latent = {
             n
             for n, s in guide_trace.nodes.items()
@@ -117,15 +117,7 @@ class ELBO:
     def _guess_max_plate_nesting(self, model, guide, args, kwargs) -> None:
         with poutine.block():
             model_trace, guide_trace = self._raw_traces(model, guide, args, kwargs)
-        dims = [
-            f.dim
-            for trace in (model_trace, guide_trace)
-            for site in trace.nodes.values()
-            if site["type"] == "sample"
-            for f in site["cond_indep_stack"]
-            if f.dim is not None
-        ]
-        self.max_plate_nesting = -min(dims) if dims else 0
+        self.max_plate_nesting = plate_nesting(model_trace, guide_trace)
         if self.vectorize_particles and self.num_particles > 1:
             self.max_plate_nesting += 1
 
@@ -251,10 +243,7 @@ class Trace_ELBO(ELBO):
                 weight = _sum_to(log_r, _plate_frames(site))
                 score = site["score_parts"].score_function
                 surrogate = surrogate + site["log_prob_sum"] + (weight * score).sum()
-        loss = -elbo
-        if isinstance(loss, torch.Tensor):
-            loss = loss.detach()
-        return loss, -surrogate
+        return _detach(-elbo), -surrogate
 
 
 class TraceMeanField_ELBO(ELBO):
@@ -296,5 +285,4 @@ class TraceMeanField_ELBO(ELBO):
             if guide_site["type"] == "sample" and name not in model_trace.nodes:
                 # auxiliary guide sites enter as -log q
                 elbo = elbo - guide_site["log_prob_sum"]
-        loss = -elbo
-        return (loss.detach() if isinstance(loss, torch.Tensor) else loss), -elbo
+        return _detach(-elbo), -elbo

@@ -11,20 +11,13 @@ import torch
 
 from .. import primitives
 from ..poutine import handlers as poutine
-from ..poutine.trace_struct import Trace
+from ..poutine.trace_struct import Trace, plate_nesting
 
 
 def _max_plate_nesting(model: Callable, args: tuple, kwargs: dict) -> tuple[int, Trace]:
     with torch.no_grad(), poutine.block():
         trace = poutine.trace(model).get_trace(*args, **kwargs)
-    dims = [
-        f.dim
-        for site in trace.nodes.values()
-        if site["type"] == "sample"
-        for f in site["cond_indep_stack"]
-        if f.dim is not None
-    ]
-    return (-min(dims) if dims else 0), trace
+    return plate_nesting(trace), trace
 
 
 def _predictive(

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..poutine.trace_struct import Trace
-from .elbo import ELBO, _is_zero, _plate_frames, _sum_to
+from .elbo import ELBO, _detach, _is_zero, _plate_frames, _sum_to
 
 _BASELINE_KEYS = frozenset(
     (
@@ -133,10 +133,7 @@ class TraceGraph_ELBO(ELBO):
                     cost = cost - baseline
                     baseline_loss = baseline_loss + loss_term
                 surrogate = surrogate + (site["score_parts"].score_function * cost.detach()).sum()
-        loss = -elbo
-        if isinstance(loss, torch.Tensor):
-            loss = loss.detach()
-        return loss, -surrogate + baseline_loss
+        return _detach(-elbo), -surrogate + baseline_loss
 
     def _baseline(self, site: dict, cost: torch.Tensor):
         """``(baseline or None, squared-error loss term)`` for one site (Pyro's rules)."""

@@ -183,6 +183,20 @@ class Trace:
         return "\n".join(rows)
 
 
+def plate_nesting(*traces: Trace) -> int:
+    """How many vectorized plate dims the sample sites of ``traces`` reach (Pyro's guess of
+    ``max_plate_nesting``)."""
+    dims = [
+        f.dim
+        for trace in traces
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        for f in site["cond_indep_stack"]
+        if f.dim is not None
+    ]
+    return -min(dims) if dims else 0
+
+
 def check_site_shape(site: dict, max_plate_nesting: float) -> None:
     """Raise if a site's log_prob has dims that no plate declares (Pyro's rule)."""
     actual = list(site["log_prob"].shape)
