@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch.distributions import biject_to, constraints
 
+from ... import distributions as dist
 from ... import primitives
 from ...poutine import handlers as poutine
 from ...poutine.runtime import Messenger
@@ -105,6 +106,14 @@ def _sum_rightmost(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.sum(tuple(range(-n, 0))) if n > 0 else x
 
 
+def _constrained_delta(transform: Any, u: torch.Tensor, fn_event_dim: int) -> Any:
+    """A ``Delta`` at ``transform(u)`` whose log-density is the Jacobian of the map back."""
+    value = transform(u)
+    log_density = transform.inv.log_abs_det_jacobian(value, u)
+    log_density = _sum_rightmost(log_density, log_density.dim() - value.dim() + fn_event_dim)
+    return dist.Delta(value, log_density, event_dim=fn_event_dim)
+
+
 def _periodic_repeat(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
     """Tile ``x`` along ``dim`` up to length ``size`` (a subsample's init to full size)."""
     n = x.size(dim)
@@ -138,8 +147,7 @@ class AutoGuide:
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         """Sample every latent site of the model; returns ``{name: value}``."""
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
+        self._ensure_prototype(args, kwargs)
         return self._forward(self._create_plates(args, kwargs), args, kwargs)
 
     forward = __call__

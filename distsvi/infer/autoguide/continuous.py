@@ -19,7 +19,7 @@ from torch.distributions import constraints
 from ... import distributions as dist
 from ... import primitives
 from ...params import _PARAM_STORE
-from .base import AutoGuide, _bijection, _in_plates, _sum_rightmost
+from .base import AutoGuide, _bijection, _constrained_delta, _in_plates
 from .initialization import InitFn, init_to_median
 
 
@@ -122,8 +122,6 @@ class AutoContinuous(AutoGuide):
             yield b, latent[..., b.pos : b.pos + b.size].reshape(shape)
 
     def _forward(self, plates: dict, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
         latent = primitives.sample(
             f"_{self._pyro_name}_latent",
             self.get_posterior(*args, **kwargs),
@@ -131,13 +129,8 @@ class AutoContinuous(AutoGuide):
         )
         result = {}
         for b, u in self._unpack(latent):
-            value = b.transform(u)
-            log_density = b.transform.inv.log_abs_det_jacobian(value, u)
-            log_density = _sum_rightmost(
-                log_density, log_density.dim() - value.dim() + b.fn_event_dim
-            )
+            delta = _constrained_delta(b.transform, u, b.fn_event_dim)
             with _in_plates(plates, b.plate_dims):
-                delta = dist.Delta(value, log_density, event_dim=b.fn_event_dim)
                 result[b.name] = primitives.sample(b.name, delta)
         return result
 

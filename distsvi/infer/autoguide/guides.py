@@ -12,7 +12,15 @@ from torch.distributions import constraints
 from ... import distributions as dist
 from ... import primitives
 from ...params import _PARAM_STORE
-from .base import AutoGuide, _bijection, _in_plates, _is_real, _select, _subsampled, _sum_rightmost
+from .base import (
+    AutoGuide,
+    _bijection,
+    _constrained_delta,
+    _in_plates,
+    _is_real,
+    _select,
+    _subsampled,
+)
 from .initialization import InitFn, init_to_feasible, init_to_median
 
 
@@ -86,8 +94,6 @@ class AutoNormal(AutoGuide):
             self._sites.append(s)
 
     def _forward(self, plates: dict, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
         param, sample = primitives.param, primitives.sample
         subsampled = _subsampled(plates)
         result = {}
@@ -105,13 +111,7 @@ class AutoNormal(AutoGuide):
                     result[s.name] = sample(s.name, q)
                     continue
                 u = sample(s.name + "_unconstrained", q, infer={"is_auxiliary": True})
-                value = s.transform(u)
-                log_density = s.transform.inv.log_abs_det_jacobian(value, u)
-                log_density = _sum_rightmost(
-                    log_density, log_density.dim() - value.dim() + s.fn_event_dim
-                )
-                delta = dist.Delta(value, log_density, event_dim=s.fn_event_dim)
-                result[s.name] = sample(s.name, delta)
+                result[s.name] = sample(s.name, _constrained_delta(s.transform, u, s.fn_event_dim))
         return result
 
     def _loc_scale(self, s: _NormalSite) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,8 +179,6 @@ class AutoDelta(AutoGuide):
             self._sites.append(s)
 
     def _forward(self, plates: dict, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
         subsampled = _subsampled(plates)
         result = {}
         for s in self._sites:
@@ -254,6 +252,7 @@ class AutoGuideList(AutoGuide):
         result: dict = {}
         for part in self.parts:
             if isinstance(part, AutoGuide):
+                part._ensure_prototype(args, kwargs)
                 result.update(part._forward(plates, args, kwargs))
             else:
                 result.update(part(*args, **kwargs) or {})
