@@ -19,10 +19,22 @@ from ...poutine.runtime import Messenger, _broadcast
 InitFn = Callable[[dict], torch.Tensor]
 
 
-def _valid(site: dict, value: torch.Tensor) -> bool:
-    if torch.isnan(value).any():
-        return False
-    return bool(site["fn"].support.check(value).all())
+def _inside_support(
+    site: dict, strategy: str, fallback: InitFn | None, compute: Callable[[], torch.Tensor]
+) -> torch.Tensor:
+    """``compute()`` when it succeeds inside the site's support, else ``fallback(site)``."""
+    try:
+        value = compute().detach()
+        if not torch.isnan(value).any() and site["fn"].support.check(value).all():
+            return value
+    except (RuntimeError, NotImplementedError, ValueError):
+        pass
+    if fallback is None:
+        raise ValueError(
+            f"{strategy} found no value inside the support of site {site['name']!r}; "
+            f"give it a fallback, e.g. {strategy}(fallback=init_to_feasible)"
+        )
+    return fallback(site)
 
 
 def init_to_feasible(site: dict | None = None) -> torch.Tensor | InitFn:
@@ -61,15 +73,9 @@ def init_to_median(
     fn = site["fn"]
     if fn.event_shape and not isinstance(fn, torch.distributions.Independent):
         return init_to_mean(site, fallback=fallback)
-    try:
-        value = fn.sample((num_samples,)).median(dim=0)[0].detach()
-        if _valid(site, value):
-            return value
-    except (RuntimeError, NotImplementedError, ValueError):
-        pass
-    if fallback is None:
-        raise ValueError(f"init_to_median: no median for site {site['name']!r}")
-    return fallback(site)
+    return _inside_support(
+        site, "init_to_median", fallback, lambda: fn.sample((num_samples,)).median(dim=0)[0]
+    )
 
 
 def init_to_mean(
@@ -78,15 +84,7 @@ def init_to_mean(
     """The prior mean; ``fallback`` where it is undefined or outside the support."""
     if site is None:
         return functools.partial(init_to_mean, fallback=fallback)
-    try:
-        value = site["fn"].mean.detach()
-        if _valid(site, value):
-            return value
-    except (NotImplementedError, ValueError, RuntimeError):
-        pass
-    if fallback is None:
-        raise ValueError(f"init_to_mean: no mean for site {site['name']!r}")
-    return fallback(site)
+    return _inside_support(site, "init_to_mean", fallback, lambda: site["fn"].mean)
 
 
 def init_to_value(
