@@ -77,7 +77,9 @@ class PyroOptim:
         return self._cohorts[0].optimizer if self._cohorts else None
 
     # the step -----------------------------------------------------------------------
-    def __call__(self, params: dict[str, torch.Tensor] | Iterable[torch.Tensor], *args, **kwargs):
+    def __call__(
+        self, params: dict[str, torch.Tensor] | Iterable[torch.Tensor], *args: Any, **kwargs: Any
+    ) -> None:
         """Step the optimizer over ``params`` (``{name: unconstrained tensor}``)."""
         if not isinstance(params, dict):
             params = {_name_of(p): p for p in params}
@@ -156,7 +158,7 @@ class PyroOptim:
             self._load_one(name, p, pending)
 
     def _on_create(self, cohort: _Cohort) -> None:
-        pass
+        """Called once a cohort's torch optimizer exists (schedulers attach theirs here)."""
 
     # state ----------------------------------------------------------------------------
     def get_state(self) -> dict:
@@ -213,7 +215,10 @@ class PyroOptim:
 def _name_of(p: torch.Tensor) -> str:
     name = _PARAM_STORE.param_name(p)
     if name is None:
-        raise ValueError("optimizer was given a tensor that is not in the param store")
+        raise ValueError(
+            "optimizer was given a tensor that is not in the param store; create it with "
+            "distsvi.param, or pass {name: tensor} for params kept elsewhere"
+        )
     return name
 
 
@@ -279,13 +284,12 @@ class _ClippedAdamTorch(torch.optim.Optimizer):
                 p.addcdiv_(exp_avg, denom, value=-step_size)
 
 
-def _factory(constructor: type, doc: str, **fixed: Any) -> Callable[..., PyroOptim]:
+def _factory(constructor: type, doc: str, name: str | None = None) -> Callable[..., PyroOptim]:
     def make(optim_args: dict | Callable[[str], dict], clip_args: dict | None = None) -> PyroOptim:
-        if fixed and isinstance(optim_args, dict):
-            optim_args = {**fixed, **optim_args}
         return PyroOptim(constructor, optim_args, clip_args)
 
     make.__doc__ = doc
+    make.__name__ = make.__qualname__ = name or constructor.__name__
     return make
 
 
@@ -299,6 +303,7 @@ ClippedAdam = _factory(
     _ClippedAdamTorch,
     "Adam with element-wise gradient clipping (``clip_norm``) and learning-rate decay "
     "``lrd`` per step, as Pyro's ``ClippedAdam``.",
+    "ClippedAdam",
 )
 
 
@@ -317,7 +322,7 @@ class PyroLRScheduler(PyroOptim):
 
     def __init__(
         self, scheduler_constructor: type, optim_args: dict, clip_args: dict | None = None
-    ):
+    ) -> None:
         args = dict(optim_args)
         try:
             optimizer = args.pop("optimizer")
@@ -407,7 +412,7 @@ def _scheduler(cls: type) -> Callable[..., PyroLRScheduler]:
         return PyroLRScheduler(cls, optim_args, clip_args)
 
     make.__doc__ = f"``torch.optim.lr_scheduler.{cls.__name__}`` with Pyro's interface."
-    make.__name__ = cls.__name__
+    make.__name__ = make.__qualname__ = cls.__name__
     return make
 
 
