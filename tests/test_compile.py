@@ -37,9 +37,42 @@ def run(compile_: bool, steps: int = 15):
 def test_compiled_step_matches_eager():
     eager_losses, eager_params = run(False)
     compiled_losses, compiled_params = run(True)
-    torch.testing.assert_close(torch.tensor(compiled_losses), torch.tensor(eager_losses), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        torch.tensor(compiled_losses), torch.tensor(eager_losses), rtol=1e-4, atol=1e-4
+    )
     for name, value in eager_params.items():
         torch.testing.assert_close(compiled_params[name], value, rtol=1e-5, atol=1e-6)
+
+
+def run_with_a_late_param(compile_: bool, steps: int = 5) -> dict:
+    pyro.clear_param_store()
+    calls = []
+
+    def late_guide():
+        calls.append(None)
+        loc = pyro.param("loc", torch.tensor(0.0))
+        if len(calls) >= 3:  # born on a step that runs compiled
+            loc = loc + pyro.param("shift", torch.tensor(0.5))
+        pyro.sample("z", dist.Normal(loc, 1.0))
+
+    torch.manual_seed(0)
+    svi = SVI(
+        lambda: pyro.sample("z", dist.Normal(0.0, 1.0)),
+        late_guide,
+        Adam({"lr": 0.1}),
+        Trace_ELBO(),
+        compile=compile_,
+    )
+    for _ in range(steps):
+        svi.step()
+    return {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+
+
+@pytest.mark.timeout(600)
+def test_a_param_born_in_a_compiled_step_steps_at_once_as_in_eager():
+    eager, compiled = run_with_a_late_param(False), run_with_a_late_param(True)
+    for name, value in eager.items():
+        torch.testing.assert_close(compiled[name], value, rtol=1e-5, atol=1e-6)
 
 
 def test_compile_needs_an_elbo():

@@ -30,8 +30,11 @@ class SVI:
     :param compile: ``True`` (or a dict of ``torch.compile`` options) to run steps through
         ``torch.compile`` once the params exist: the first step runs eagerly (params are
         created and the model is checked), later steps run the compiled loss (and the
-        compiled optimizer step for torch's own optimizers without a scheduler). A step
-        that creates new params falls back to eager and recompiles. Needs an ELBO loss.
+        compiled optimizer step for torch's own optimizers without a scheduler). A param
+        created inside a compiled step is updated in that step by the eager optimizer, and
+        the next step recompiles. Needs an ELBO loss.
+    :param num_samples: Pyro's (for its deprecated ``run``); unused.
+    :param num_steps: Pyro's (for its deprecated ``run``); unused.
 
     Example::
 
@@ -129,7 +132,7 @@ class SVI:
         self._compiled = (loss_fn, optim_step, dict(params), len(_PARAM_STORE))
 
     def _step_compiled(self, args: tuple, kwargs: dict) -> float:
-        loss_fn, optim_step, params, _ = self._compiled
+        loss_fn, optim_step, params, store_size = self._compiled
         dist_cls = torch.distributions.Distribution
         validate = dist_cls._validate_args
         # The model was checked on the eager step; value checks would break the graph.
@@ -139,6 +142,12 @@ class SVI:
         finally:
             dist_cls.set_default_validate_args(validate)
         loss.backward()
+        if len(_PARAM_STORE) != store_size:
+            # A param was born inside this call: it steps now, as on the eager path, through
+            # the eager optimizer (the compiled one does not hold it); the next step recompiles.
+            store = _PARAM_STORE._params
+            params = {**params, **{name: store[name] for name in list(store)[store_size:]}}
+            optim_step = None
         return self._apply(loss.detach(), params, optim_step)
 
     def evaluate_loss(self, *args: Any, **kwargs: Any) -> float:
