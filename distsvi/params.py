@@ -8,7 +8,7 @@ same map Pyro uses, so gradients agree with Pyro's.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, KeysView
 from typing import Any
 
 import torch
@@ -87,7 +87,7 @@ class ParamStore:
     def __iter__(self) -> Iterator[str]:
         return iter(self._params)
 
-    def keys(self):
+    def keys(self) -> KeysView[str]:
         return self._params.keys()
 
     def values(self) -> Iterator[torch.Tensor]:
@@ -153,10 +153,17 @@ class ParamStore:
         self._set(name, init_tensor, constraint)
         return self[name]
 
-    def setdefault(self, name, init_constrained_value, constraint=constraints.real):
+    def setdefault(
+        self,
+        name: str,
+        init_constrained_value: torch.Tensor | Callable[[], torch.Tensor],
+        constraint: constraints.Constraint = constraints.real,
+    ) -> torch.Tensor:
+        """Pyro's older spelling of :meth:`get_param`."""
         return self.get_param(name, init_constrained_value, constraint)
 
     def replace_param(self, name: str, new_param: torch.Tensor, old_param: torch.Tensor) -> None:
+        """Store ``new_param`` (constrained) under ``name``, whose value is ``old_param``."""
         if self[name] is not old_param:
             raise ValueError(f"param {name!r}: old_param is not the stored value")
         self[name] = new_param
@@ -213,4 +220,5 @@ def clear_param_store() -> None:
 
 
 def param_with_module_name(module_name: str, param_name: str) -> str:
+    """The store name of a module's param, as Pyro spells it."""
     return f"{module_name}$$${param_name}"

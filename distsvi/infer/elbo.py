@@ -34,6 +34,11 @@ class ELBO:
         guessed by a trial run when not given, as in Pyro).
     :param vectorize_particles: draw all particles in one pass, as a leftmost batch dim.
     :param retain_graph: passed to ``backward``.
+    :param max_iarange_nesting: Pyro's old name of ``max_plate_nesting``.
+
+    ``strict_enumeration_warning``, ``ignore_jit_warnings``, ``jit_options`` and
+    ``tail_adaptive_beta`` are accepted so that Pyro code runs unchanged; they have no
+    effect (there is no enumeration or JIT here).
     """
 
     def __init__(
@@ -148,7 +153,9 @@ class ELBO:
         """``(loss, surrogate_loss)`` of one particle; subclasses define it."""
         raise NotImplementedError
 
-    def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs):
+    def differentiable_loss(
+        self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         """The loss as a tensor whose value is the loss and whose gradient is the estimator's."""
         loss, surrogate = 0.0, 0.0
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
@@ -161,7 +168,7 @@ class ELBO:
             return torch.as_tensor(loss)
         return loss + (surrogate - surrogate.detach())
 
-    def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
+    def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """The loss estimate (negative ELBO) as a float; no gradients."""
         with torch.no_grad():
             total = 0.0
@@ -170,7 +177,9 @@ class ELBO:
                 total = total + loss
             return float(total / self.num_particles)  # host sync: the caller wants a number
 
-    def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs) -> torch.Tensor:
+    def loss_and_grads(
+        self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         """Backpropagate the surrogate loss; return the loss as a detached 0-dim tensor."""
         total = 0.0
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
@@ -186,7 +195,7 @@ def _plate_frames(site: dict) -> frozenset:
     return frozenset(f for f in site["cond_indep_stack"] if f.dim is not None)
 
 
-def _sum_to(terms: dict, target: frozenset):
+def _sum_to(terms: dict, target: frozenset) -> torch.Tensor | float:
     """Sum the per-plate terms down to the plates in ``target`` (Rao-Blackwellised cost)."""
     total = 0.0
     for frames, value in terms.items():

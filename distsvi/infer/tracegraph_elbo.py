@@ -135,7 +135,7 @@ class TraceGraph_ELBO(ELBO):
                 surrogate = surrogate + (site["score_parts"].score_function * cost.detach()).sum()
         return _detach(-elbo), -surrogate + baseline_loss
 
-    def _baseline(self, site: dict, cost: torch.Tensor):
+    def _baseline(self, site: dict, cost: torch.Tensor) -> tuple[Any, Any]:
         """``(baseline or None, squared-error loss term)`` for one site (Pyro's rules)."""
         nn_baseline, nn_input, use_avg, beta, value = _baseline_options(site)
         if nn_baseline is None and value is None and not use_avg:
