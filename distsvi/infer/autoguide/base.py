@@ -278,7 +278,8 @@ class AutoGuide:
 
 
 def _subsampled(plates: dict) -> set:
-    return {n for n, p in plates.items() if p._subsample is not None or p.subsample_size < p.size}
+    """The plates whose sites see only some rows (or rows in another order)."""
+    return {n for n, p in plates.items() if p._subsampled}
 
 
 def _select(x: torch.Tensor, plate_dims: tuple, plates: dict, subsampled: set) -> torch.Tensor:
