@@ -93,9 +93,10 @@ class replay(Messenger):
             if guide_site is None:
                 return
             if guide_site["type"] != "sample" or guide_site["is_observed"]:
+                kind = "observed" if guide_site.get("is_observed") else guide_site["type"]
                 raise RuntimeError(
                     f"site {name!r} must be a latent sample site in the replayed trace, but "
-                    f"there it is {'observed' if guide_site.get('is_observed') else guide_site['type']}"
+                    f"there it is {kind}; give the two sites different names"
                 )
             msg["done"] = True
             msg["value"] = guide_site["value"]

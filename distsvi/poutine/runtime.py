@@ -105,7 +105,10 @@ class Messenger:
             if len(args) == 1 and callable(args[0]) and not kwargs:
                 self.fn = args[0]
                 return self
-            raise ValueError(f"{type(self).__name__} was called with no function to wrap")
+            raise ValueError(
+                f"{type(self).__name__} was called with no function to wrap; pass it, "
+                f"{type(self).__name__}(fn, ...), or use the handler as a context manager"
+            )
         with self:
             return self.fn(*args, **kwargs)
 
