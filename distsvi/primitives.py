@@ -122,13 +122,25 @@ def param(
 
 
 def factor(name: str, log_factor: torch.Tensor, *, has_rsample: bool | None = None) -> None:
-    """Add ``log_factor`` to the model's log-density (an observed ``Unit`` site)."""
+    """Add ``log_factor`` to the model's log-density (an observed ``Unit`` site).
+
+    :param name: the site's name.
+    :param log_factor: the term to add; its shape is the site's batch shape.
+    :param has_rsample: in a guide, whether ``log_factor`` comes from reparameterised
+        sampling (it must be said there; a model may leave it out).
+    """
     unit = _Unit(log_factor, has_rsample=has_rsample)
     sample(name, unit, obs=unit.v, infer={"is_auxiliary": True})
 
 
 def deterministic(name: str, value: torch.Tensor, event_dim: int | None = None) -> torch.Tensor:
-    """Record ``value`` in traces as site ``name`` (an observed Delta, no density)."""
+    """Record ``value`` in traces as site ``name`` (an observed Delta, no density).
+
+    :param name: the site's name.
+    :param value: the value to record.
+    :param event_dim: how many rightmost dims of ``value`` are event dims (default: all).
+    :returns: ``value``.
+    """
     event_dim = value.dim() if event_dim is None else event_dim
     return sample(
         name,
