@@ -20,16 +20,10 @@ def _max_plate_nesting(model: Callable, args: tuple, kwargs: dict) -> tuple[int,
     return plate_nesting(trace), trace
 
 
-def _predictive(
-    model: Callable,
-    posterior_samples: dict,
-    num_samples: int,
-    return_sites: Any,
-    parallel: bool,
-    args: tuple,
-    kwargs: dict,
-) -> dict[str, torch.Tensor]:
-    nesting, trace = _max_plate_nesting(model, args, kwargs)
+def _return_shapes(
+    trace: Trace, nesting: int, num_samples: int, posterior_samples: dict, return_sites: Any
+) -> dict[str, Any]:
+    """``{site: output shape}`` of the sites to return (``None``: a non-tensor return)."""
     shapes: dict[str, Any] = {}
     for name in trace.stochastic_nodes + trace.observation_nodes:  # Pyro's order
         site = trace.nodes[name]
@@ -43,21 +37,40 @@ def _predictive(
     if return_sites and "_RETURN" in return_sites:
         value = trace.nodes["_RETURN"]["value"]
         shapes["_RETURN"] = (num_samples,) + value.shape if torch.is_tensor(value) else None
+    return shapes
 
-    if not parallel:
-        collected = []
-        for i in range(num_samples):
-            sample_i = {k: v[i] for k, v in posterior_samples.items()}
-            with torch.no_grad():
-                tr = poutine.trace(poutine.condition(model, sample_i)).get_trace(*args, **kwargs)
-            collected.append({k: tr.nodes[k]["value"] for k in shapes})
-        return {
-            k: torch.stack([c[k] for c in collected]).reshape(shape)
-            if shape is not None
-            else [c[k] for c in collected]
-            for k, shape in shapes.items()
-        }
 
+def _predictive_sequential(
+    model: Callable,
+    posterior_samples: dict,
+    num_samples: int,
+    shapes: dict,
+    args: tuple,
+    kwargs: dict,
+) -> dict[str, Any]:
+    collected = []
+    for i in range(num_samples):
+        sample_i = {k: v[i] for k, v in posterior_samples.items()}
+        with torch.no_grad():
+            tr = poutine.trace(poutine.condition(model, sample_i)).get_trace(*args, **kwargs)
+        collected.append({k: tr.nodes[k]["value"] for k in shapes})
+    return {
+        k: torch.stack([c[k] for c in collected]).reshape(shape)
+        if shape is not None
+        else [c[k] for c in collected]
+        for k, shape in shapes.items()
+    }
+
+
+def _predictive_vectorized(
+    model: Callable,
+    posterior_samples: dict,
+    num_samples: int,
+    nesting: int,
+    shapes: dict,
+    args: tuple,
+    kwargs: dict,
+) -> dict[str, Any]:
     reshaped = {}
     for name, value in posterior_samples.items():
         event_shape = value.shape[1:]
@@ -80,6 +93,24 @@ def _predictive(
         else:
             out[name] = value.reshape(shape)
     return out
+
+
+def _predictive(
+    model: Callable,
+    posterior_samples: dict,
+    num_samples: int,
+    return_sites: Any,
+    parallel: bool,
+    args: tuple,
+    kwargs: dict,
+) -> dict[str, Any]:
+    nesting, trace = _max_plate_nesting(model, args, kwargs)
+    shapes = _return_shapes(trace, nesting, num_samples, posterior_samples, return_sites)
+    if parallel:
+        return _predictive_vectorized(
+            model, posterior_samples, num_samples, nesting, shapes, args, kwargs
+        )
+    return _predictive_sequential(model, posterior_samples, num_samples, shapes, args, kwargs)
 
 
 class Predictive:
