@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -11,6 +11,13 @@ from ..params import _PARAM_STORE
 from ..poutine import handlers as poutine
 
 GradHook = Callable[[torch.Tensor, dict], "torch.Tensor | None"]
+
+
+class _Compiled(NamedTuple):
+    loss_fn: Callable
+    optim_step: Callable | None  # None: the eager optimizer
+    params: dict[str, torch.Tensor]
+    store_size: int  # a different size means new params: step eagerly and recompile
 
 
 class SVI:
@@ -84,12 +91,12 @@ class SVI:
             raise ValueError("SVI(compile=True) needs an ELBO loss and no custom loss_and_grads")
         self._compile_options = ({} if compile is True else dict(compile)) if compile else None
         self._elbo = loss
-        self._compiled: tuple | None = None  # (loss fn, optimizer step, params, store size)
+        self._compiled: _Compiled | None = None
 
     def step(self, *args: Any, **kwargs: Any) -> float:
         """Take one optimizer step on the loss; return the loss estimate (a float)."""
         compiled = self._compiled
-        if compiled is not None and len(_PARAM_STORE) == compiled[3]:
+        if compiled is not None and len(_PARAM_STORE) == compiled.store_size:
             return self._step_compiled(args, kwargs)
         with poutine.trace(param_only=True) as param_capture:
             loss = self.loss_and_grads(self.model, self.guide, *args, **kwargs)
@@ -129,7 +136,7 @@ class SVI:
             # lr is a float in the param group: a scheduler would force a recompile per change.
             compiled_opt = torch.compile(optimizer.step, **self._compile_options)
             optim_step = lambda _params: compiled_opt()
-        self._compiled = (loss_fn, optim_step, dict(params), len(_PARAM_STORE))
+        self._compiled = _Compiled(loss_fn, optim_step, dict(params), len(_PARAM_STORE))
 
     def _step_compiled(self, args: tuple, kwargs: dict) -> float:
         loss_fn, optim_step, params, store_size = self._compiled
