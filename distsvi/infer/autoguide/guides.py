@@ -171,7 +171,7 @@ class AutoDelta(AutoGuide):
             s = _DeltaSite()
             s.name = name
             s.param = f"{self._pyro_name}.{name}"
-            _bijection(site, self._pyro_name)  # the param lives in unconstrained space
+            _bijection(site, self._pyro_name)  # a discrete site fails here, with a clear error
             s.support = site["fn"].support
             s.event_dim = len(site["fn"].event_shape)
             s.init = self._full_size(site["value"].detach(), site, s.event_dim)
