@@ -28,7 +28,7 @@ class DistributionMixin:
     def __call__(self, sample_shape: torch.Size = _NO_SHAPE) -> torch.Tensor:
         return self.rsample(sample_shape) if self.has_rsample else self.sample(sample_shape)
 
-    def to_event(self, reinterpreted_batch_ndims: int | None = None):
+    def to_event(self, reinterpreted_batch_ndims: int | None = None) -> _td.Distribution:
         """Treat the rightmost ``n`` batch dims as event dims (all of them when ``None``)."""
         if reinterpreted_batch_ndims is None:
             reinterpreted_batch_ndims = len(self.batch_shape)
@@ -36,11 +36,11 @@ class DistributionMixin:
             return self
         return Independent(self, reinterpreted_batch_ndims)
 
-    def expand_by(self, sample_shape):
+    def expand_by(self, sample_shape: tuple[int, ...] | torch.Size) -> _td.Distribution:
         """Expand the batch shape by ``sample_shape`` on the left."""
         return self.expand(torch.Size(sample_shape) + self.batch_shape)
 
-    def mask(self, mask: bool | torch.Tensor):
+    def mask(self, mask: bool | torch.Tensor) -> _td.Distribution:
         """Zero the log-density where ``mask`` is False (``mask`` broadcasts to batch shape)."""
         if isinstance(mask, bool) and mask:
             return self
@@ -94,34 +94,34 @@ class MaskedDistribution(_td.Distribution, DistributionMixin):
         return self.base_dist.has_enumerate_support
 
     @constraints.dependent_property
-    def support(self):
+    def support(self) -> constraints.Constraint:
         return self.base_dist.support
 
-    def expand(self, batch_shape, _instance=None):
+    def expand(self, batch_shape: tuple[int, ...] | torch.Size, _instance: Any = None) -> Any:
         batch_shape = torch.Size(batch_shape)
         return MaskedDistribution(
             self.base_dist.expand(batch_shape), self._mask.expand(batch_shape)
         )
 
-    def sample(self, sample_shape=_NO_SHAPE):
+    def sample(self, sample_shape: torch.Size = _NO_SHAPE) -> torch.Tensor:
         return self.base_dist.sample(sample_shape)
 
-    def rsample(self, sample_shape=_NO_SHAPE):
+    def rsample(self, sample_shape: torch.Size = _NO_SHAPE) -> torch.Tensor:
         return self.base_dist.rsample(sample_shape)
 
-    def log_prob(self, value):
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         lp = self.base_dist.log_prob(value)
         return torch.where(self._mask, lp, lp.new_zeros(()))
 
-    def enumerate_support(self, expand=True):
+    def enumerate_support(self, expand: bool = True) -> torch.Tensor:
         return self.base_dist.enumerate_support(expand)
 
     @property
-    def mean(self):
+    def mean(self) -> torch.Tensor:
         return self.base_dist.mean
 
     @property
-    def variance(self):
+    def variance(self) -> torch.Tensor:
         return self.base_dist.variance
 
 
@@ -154,21 +154,21 @@ class Delta(_td.Distribution, DistributionMixin):
         super().__init__(batch_shape, event_shape, validate_args=False)
 
     @constraints.dependent_property
-    def support(self):
+    def support(self) -> constraints.Constraint:
         return constraints.independent(constraints.real, len(self.event_shape))
 
-    def expand(self, batch_shape, _instance=None):
+    def expand(self, batch_shape: tuple[int, ...] | torch.Size, _instance: Any = None) -> Any:
         batch_shape = torch.Size(batch_shape)
         v = self.v.expand(batch_shape + self.event_shape)
         return Delta(v, self.log_density.expand(batch_shape), len(self.event_shape))
 
-    def rsample(self, sample_shape=_NO_SHAPE):
+    def rsample(self, sample_shape: torch.Size = _NO_SHAPE) -> torch.Tensor:
         return self.v.expand(torch.Size(sample_shape) + self.v.shape)
 
-    def sample(self, sample_shape=_NO_SHAPE):
+    def sample(self, sample_shape: torch.Size = _NO_SHAPE) -> torch.Tensor:
         return self.rsample(sample_shape).detach()
 
-    def log_prob(self, x):
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         v = self.v.expand(torch.broadcast_shapes(self.v.shape, x.shape))
         lp = (x == v).to(v.dtype).log()
         if self.event_shape:
@@ -176,11 +176,11 @@ class Delta(_td.Distribution, DistributionMixin):
         return lp + self.log_density
 
     @property
-    def mean(self):
+    def mean(self) -> torch.Tensor:
         return self.v
 
     @property
-    def variance(self):
+    def variance(self) -> torch.Tensor:
         return torch.zeros_like(self.v)
 
 
