@@ -72,6 +72,10 @@ class replay(Messenger):
 
     Observed sites keep their data. Plate indices that the model passes explicitly
     (``plate(..., subsample=idx)``) win over the recorded ones.
+
+    :param fn: the callable to run.
+    :param trace: the recorded trace (usually the guide's).
+    :param params: ``{name: value}`` to use for param sites instead of the store's.
     """
 
     def __init__(
@@ -119,6 +123,16 @@ class block(Messenger):
     With no arguments everything is hidden. ``hide``/``hide_types`` hide the listed
     names/types; ``expose``/``expose_types`` hide everything else; ``hide_fn``/``expose_fn``
     take a predicate on the message. Observed sample sites have the type ``"observe"`` here.
+
+    :param fn: the callable to run.
+    :param hide_fn: ``msg -> bool``: hide the sites for which it is true.
+    :param expose_fn: ``msg -> bool``: hide the sites for which it is false.
+    :param hide_all: hide every site not exposed (the default when nothing is listed).
+    :param expose_all: hide nothing that is not listed in ``hide``/``hide_types``.
+    :param hide: site names to hide.
+    :param expose: site names to let through.
+    :param hide_types: message types to hide (``"sample"``, ``"observe"``, ``"param"``).
+    :param expose_types: message types to let through.
     """
 
     def __init__(
@@ -167,7 +181,11 @@ class block(Messenger):
 
 
 class condition(Messenger):
-    """Observe sample sites at the given values: ``condition(model, data={"z": z})``."""
+    """Observe sample sites at the given values: ``condition(model, data={"z": z})``.
+
+    :param fn: the callable to run.
+    :param data: ``{site name: value}``, or a trace whose sample values are used.
+    """
 
     def __init__(self, fn: Callable | None = None, data: dict | Trace | None = None) -> None:
         super().__init__(fn)
@@ -227,7 +245,11 @@ class substitute(Messenger):
 
 
 class scale(Messenger):
-    """Multiply the log-density of every sample site inside by ``scale``."""
+    """Multiply the log-density of every sample site inside by ``scale``.
+
+    :param fn: the callable to run.
+    :param scale: a positive number or tensor.
+    """
 
     def __init__(self, fn: Callable | None = None, scale: float | torch.Tensor = 1.0) -> None:
         if isinstance(scale, (int, float)) and not scale > 0:
@@ -241,7 +263,11 @@ class scale(Messenger):
 
 
 class mask(Messenger):
-    """Drop the log-density of sample sites where ``mask`` is False (bool or bool tensor)."""
+    """Drop the log-density of sample sites where ``mask`` is False.
+
+    :param fn: the callable to run.
+    :param mask: a bool, or a bool tensor that broadcasts with the sites' batch shapes.
+    """
 
     def __init__(self, fn: Callable | None = None, mask: bool | torch.Tensor | None = None) -> None:
         if mask is None:
@@ -258,7 +284,11 @@ class mask(Messenger):
 
 class seed(Messenger):
     """Seed torch's, Python's and NumPy's generators on entry, so runs repeat exactly;
-    the generators' outer states come back on exit."""
+    the generators' outer states come back on exit.
+
+    :param fn: the callable to run.
+    :param rng_seed: the seed.
+    """
 
     def __init__(self, fn: Callable | None = None, rng_seed: int | None = None) -> None:
         if not isinstance(rng_seed, int):
