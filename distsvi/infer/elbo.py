@@ -181,13 +181,16 @@ class ELBO:
         self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
     ) -> torch.Tensor:
         """Backpropagate the surrogate loss; return the loss as a detached 0-dim tensor."""
-        total = 0.0
+        n = self.num_particles
+        total = None
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
             loss, surrogate = self._differentiable_loss_particle(model_trace, guide_trace)
-            total = total + loss
+            total = loss if total is None else total + loss
             if isinstance(surrogate, torch.Tensor) and surrogate.requires_grad:
-                (surrogate / self.num_particles).backward(retain_graph=self.retain_graph)
-        total = total / self.num_particles
+                # with one particle no division: every op on the hot path costs a kernel
+                (surrogate if n == 1 else surrogate / n).backward(retain_graph=self.retain_graph)
+        if n != 1:
+            total = total / n
         return total if isinstance(total, torch.Tensor) else torch.tensor(total)
 
 
@@ -236,7 +239,8 @@ class Trace_ELBO(ELBO):
         elbo = 0.0
         for site in model_trace.nodes.values():
             if site["type"] == "sample":
-                elbo = elbo + site["log_prob_sum"]
+                # starting from the first term saves a (0.0 + tensor) kernel
+                elbo = site["log_prob_sum"] if _is_zero(elbo) else elbo + site["log_prob_sum"]
         nonreparam = []
         for site in guide_trace.nodes.values():
             if site["type"] == "sample":

@@ -63,6 +63,9 @@ class SVI:
         compile: bool | dict = False,
         **kwargs: Any,
     ) -> None:
+        unknown = set(kwargs) - {"num_chains"}  # Pyro's TracePosterior takes num_chains
+        if unknown:
+            raise TypeError(f"SVI got unexpected keyword arguments {sorted(unknown)}")
         if not callable(optim):
             raise TypeError(
                 f"optim must be a distsvi.optim optimizer (e.g. Adam({{'lr': 0.01}})), got {optim!r}"
