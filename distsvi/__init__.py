@@ -34,7 +34,24 @@ _NAMES = {
     "subsample": ".primitives",
 }
 
-__all__ = sorted([*_SUBMODULES, *_NAMES])
+__all__ = [
+    "clear_param_store",
+    "deterministic",
+    "distributions",
+    "enable_validation",
+    "factor",
+    "get_param_store",
+    "infer",
+    "is_validation_enabled",
+    "module",
+    "optim",
+    "param",
+    "plate",
+    "poutine",
+    "sample",
+    "set_rng_seed",
+    "subsample",
+]
 
 
 def __getattr__(name: str) -> Any:

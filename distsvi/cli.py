@@ -81,6 +81,7 @@ def run(args: argparse.Namespace, cfg: TrainConfig) -> int:
         print(to_yaml(cfg), end="")
         return 0
     from distsvi.train import loop  # torch loads here, once the config is known good
+
     if args.command == "train":
         loop.train(cfg)
     elif args.command == "eval":

@@ -22,7 +22,7 @@ _NAMES = {
     "train": "distsvi.train.loop",
 }
 
-__all__ = sorted(_NAMES)
+__all__ = ["ConfigError", "TrainConfig", "evaluate", "load_config", "predict", "train"]
 
 
 def __getattr__(name: str) -> Any:
