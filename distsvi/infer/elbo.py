@@ -117,6 +117,8 @@ class ELBO:
             for site in trace.nodes.values():
                 if site["type"] == "sample":
                     check_site_shape(site, self.max_plate_nesting)
+        if len(self._checked) >= 1024:  # site names that vary every step: stay bounded
+            self._checked.clear()
         self._checked.add(key)
 
     def _guess_max_plate_nesting(self, model, guide, args, kwargs) -> None:
