@@ -145,6 +145,13 @@ class AutoGuide:
         self._probe_names: frozenset = frozenset()
         self._global_values: dict[str, torch.Tensor] = {}
 
+    def _set_init(self, init_loc_fn: Callable, init_scale: float) -> None:
+        """Store the init strategy and the initial scale shared by the Gaussian guides."""
+        if not init_scale > 0:
+            raise ValueError(f"init_scale must be > 0, got {init_scale}")
+        self.init_loc_fn = init_loc_fn
+        self._init_scale = init_scale
+
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         """Sample every latent site of the model; returns ``{name: value}``."""
         self._ensure_prototype(args, kwargs)

@@ -52,11 +52,8 @@ class AutoContinuous(AutoGuide):
         init_scale: float = 0.1,
         create_plates: Callable | None = None,
     ) -> None:
-        if not init_scale > 0:
-            raise ValueError(f"init_scale must be > 0, got {init_scale}")
         super().__init__(model, create_plates=create_plates)
-        self.init_loc_fn = init_loc_fn
-        self._init_scale = init_scale
+        self._set_init(init_loc_fn, init_scale)
         self._blocks: list[_Block] = []
         self._init_loc: torch.Tensor | None = None
         self._inits: dict = {}

@@ -68,11 +68,8 @@ class AutoNormal(AutoGuide):
         init_scale: float = 0.1,
         create_plates: Callable | None = None,
     ) -> None:
-        if not init_scale > 0:
-            raise ValueError(f"init_scale must be > 0, got {init_scale}")
         super().__init__(model, create_plates=create_plates)
-        self.init_loc_fn = init_loc_fn
-        self._init_scale = init_scale
+        self._set_init(init_loc_fn, init_scale)
         self._sites: list[_NormalSite] = []
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
