@@ -15,14 +15,20 @@ estimated at the plate's subsample. Five ways to train it, one thread per rank:
 - ``torch DDP``: the same model and estimator written in plain torch, wrapped in
   ``torch.nn.parallel.DistributedDataParallel``, on 1 and 2 ranks (the floor).
 
-The build machine is shared, so the implementations of one world size run side by side in
-the same processes, one step of each in turn (the order rotating), and every comparison
-that matters is between steps taken under the same load: the world-size-1 overhead
-(DataParallelSVI against plain SVI), and the 2-rank speed-ups, whose ratio is
-``(plain / DDP at 1 rank) * (DDP / DataParallelSVI at 2 ranks)``. Each figure is the
-median step time after a warm-up. Throughput counts the datapoints of all ranks. Goals
-(issue 5): world-size-1 overhead at most 5%; distsvi's 2-rank speed-up at least 0.95 of
-DDP's on the same model and batch.
+The build machine is shared, so the implementations of one world size run in the same
+processes, in blocks of consecutive steps: ``--rounds`` blocks of each, the order rotating
+from round to round, each block's first ``--warmup`` steps untimed. (Blocks rather than
+alternate steps: on a virtual machine how fast a waiting core wakes depends on how it was
+woken in the last few milliseconds, so one implementation's waits would bend the timings of
+the other's.) Every comparison that matters is between blocks of the same round: the
+world-size-1 overhead (DataParallelSVI against plain SVI), and the 2-rank speed-ups, whose
+ratio is ``(plain / DDP at 1 rank) * (DDP / DataParallelSVI at 2 ranks)``. Each figure is a
+mean step time (datapoints/s is datapoints over time; the wait in a collective is bimodal
+here, which makes medians jump between runs). Throughput counts the datapoints of all
+ranks. The table shows the median round of each figure, the summary every round's ratio.
+Each rank is pinned to a core of its own (``--no-pin`` leaves placement to the OS).
+Goals (issue 5): world-size-1 overhead at most 5%; distsvi's 2-rank speed-up at least 0.95
+of DDP's on the same model and batch.
 """
 
 from __future__ import annotations
@@ -128,8 +134,20 @@ def ddp_stepper(x: torch.Tensor, batch: int) -> Callable[[], float]:
     return step
 
 
-def _rank(rank: int, world_size: int, port: int, batch: int, steps: int, warmup: int, out: str):
+def _rank(
+    rank: int,
+    world_size: int,
+    port: int,
+    batch: int,
+    steps: int,
+    warmup: int,
+    rounds: int,
+    pin: bool,
+    out: str,
+):
     torch.set_num_threads(1)
+    if pin:
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[rank]})
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
@@ -147,14 +165,18 @@ def _rank(rank: int, world_size: int, port: int, batch: int, steps: int, warmup:
     if world_size == 1:
         steppers["plain"] = distsvi_stepper("plain", False, x, batch)
     names = list(steppers)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(warmup + steps):
-        for name in names[i % len(names) :] + names[: i % len(names)]:
+    means: dict[str, list[float]] = {name: [] for name in names}  # one per round
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            for _ in range(warmup):
+                steppers[name]()
             t = time.perf_counter()
-            steppers[name]()
-            times[name].append(time.perf_counter() - t)
+            for _ in range(steps):
+                steppers[name]()
+            means[name].append((time.perf_counter() - t) / steps)
     if rank == 0:
-        torch.save({n: statistics.median(t[warmup:]) for n, t in times.items()}, out)
+        torch.save(means, out)
+    dist.barrier()  # no rank leaves while another still talks to it
     dist.destroy_process_group()
 
 
@@ -164,13 +186,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(world_size: int, batch: int, steps: int, warmup: int) -> dict[str, float]:
-    """Median seconds per step on rank 0 of each implementation at this world size."""
+def can_pin(world_size: int) -> bool:
+    """Whether every rank can have a core of its own."""
+    return hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= world_size
+
+
+def measure(
+    world_size: int, batch: int, steps: int, warmup: int, rounds: int, pin: bool
+) -> dict[str, list[float]]:
+    """Mean seconds per step on rank 0 of each implementation at this world size, a
+    figure per round."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "times.pt")
         mp.start_processes(
             _rank,
-            args=(world_size, _free_port(), batch, steps, warmup, out),
+            args=(
+                world_size,
+                _free_port(),
+                batch,
+                steps,
+                warmup,
+                rounds,
+                pin and can_pin(world_size),
+                out,
+            ),
             nprocs=world_size,
             start_method="spawn",
         )
@@ -192,15 +231,27 @@ def main(argv: list[str] | None = None) -> None:
         "--sizes", type=int, nargs="+", default=[512, 8192], help="datapoints per rank per step"
     )
     parser.add_argument(
-        "--steps", type=int, nargs="+", default=[300, 30], help="timed steps for each size"
+        "--steps",
+        type=int,
+        nargs="+",
+        default=[300, 30],
+        help="timed steps of each block, for each size",
     )
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps of each block")
+    parser.add_argument("--rounds", type=int, default=3, help="blocks of each implementation")
+    parser.add_argument(
+        "--no-pin", dest="pin", action="store_false", help="do not pin each rank to a core"
+    )
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     steps = dict(zip(args.sizes, args.steps + args.steps[-1:] * len(args.sizes)))
 
+    pinned = "each rank pinned to a core" if args.pin and can_pin(2) else "ranks not pinned"
     print(
         f"# {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, one "
-        f"thread per rank, median step time; load average {os.getloadavg()[0]:.1f} at start"
+        f"thread per rank, {pinned}; mean step time, median of {args.rounds} rounds; "
+        f"load average {os.getloadavg()[0]:.1f} at start"
     )
     header = (
         f"{'implementation':<26}{'ranks':>6}{'batch/rank':>12}{'ms/step':>10}"
@@ -210,10 +261,13 @@ def main(argv: list[str] | None = None) -> None:
     print("-" * len(header))
     summary = []
     for batch in args.sizes:
-        seconds = {}
+        rounds: list[dict] = [{} for _ in range(args.rounds)]  # {(impl, ranks): s/step}
         for world_size in (1, 2):
-            for impl, s in measure(world_size, batch, steps[batch], args.warmup).items():
-                seconds[impl, world_size] = s
+            times = measure(world_size, batch, steps[batch], args.warmup, args.rounds, args.pin)
+            for impl, per_round in times.items():
+                for r, s in enumerate(per_round):
+                    rounds[r][impl, world_size] = s
+        seconds = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
         for label, impl, world_size in ROWS:
             s = seconds[impl, world_size]
             base = seconds["plain", 1] if impl == "dp" else seconds[impl, 1]
@@ -222,13 +276,15 @@ def main(argv: list[str] | None = None) -> None:
                 f"{label:<26}{world_size:>6}{batch:>12}{1e3 * s:>10.2f}"
                 f"{world_size * batch / s:>14.0f}{speedup:>9.2f}x"
             )
-        overhead = seconds["dp", 1] / seconds["plain", 1] - 1
-        ours = 2 * seconds["plain", 1] / seconds["dp", 2]
-        floor = 2 * seconds["ddp", 1] / seconds["ddp", 2]
+        overheads = [r["dp", 1] / r["plain", 1] - 1 for r in rounds]
+        ours = [2 * r["plain", 1] / r["dp", 2] for r in rounds]
+        floor = [2 * r["ddp", 1] / r["ddp", 2] for r in rounds]
+        ratios = [a / b for a, b in zip(ours, floor)]
         summary.append(
-            f"batch {batch}: world-size-1 overhead {100 * overhead:+.1f}% (goal <= 5%); "
-            f"2-rank speed-up distsvi {ours:.2f}x vs DDP {floor:.2f}x = {ours / floor:.2f} "
-            "of DDP's (goal >= 0.95)"
+            f"batch {batch}: world-size-1 overhead {100 * statistics.median(overheads):+.1f}% "
+            f"(goal <= 5%); 2-rank speed-up distsvi {statistics.median(ours):.2f}x vs DDP "
+            f"{statistics.median(floor):.2f}x; distsvi/DDP {statistics.median(ratios):.2f} "
+            f"(goal >= 0.95), rounds: {', '.join(f'{r:.2f}' for r in ratios)}"
         )
         print(flush=True)
     print("\n".join(summary))

@@ -75,7 +75,9 @@ def ppl_hier(pyro, dist):
         tau_loc = pyro.param("tau_loc", torch.tensor(0.0))
         tau_scale = pyro.param("tau_scale", torch.tensor(0.1), constraint=constraints.positive)
         t_loc = pyro.param("theta_loc", torch.zeros(GROUPS))
-        t_scale = pyro.param("theta_scale", torch.full((GROUPS,), 0.1), constraint=constraints.positive)
+        t_scale = pyro.param(
+            "theta_scale", torch.full((GROUPS,), 0.1), constraint=constraints.positive
+        )
         pyro.sample("mu", dist.Normal(mu_loc, mu_scale))
         pyro.sample("tau", dist.LogNormal(tau_loc, tau_scale))
         with pyro.plate("groups", GROUPS):
@@ -128,9 +130,12 @@ def torch_hier(compiled: bool = False):
     group, y = hier_data()
     Normal, LogNormal = torch.distributions.Normal, torch.distributions.LogNormal
     p = {
-        "mu_loc": torch.tensor(0.0), "mu_us": torch.tensor(0.1).log(),
-        "tau_loc": torch.tensor(0.0), "tau_us": torch.tensor(0.1).log(),
-        "t_loc": torch.zeros(GROUPS), "t_us": torch.full((GROUPS,), 0.1).log(),
+        "mu_loc": torch.tensor(0.0),
+        "mu_us": torch.tensor(0.1).log(),
+        "tau_loc": torch.tensor(0.0),
+        "tau_us": torch.tensor(0.1).log(),
+        "t_loc": torch.zeros(GROUPS),
+        "t_us": torch.full((GROUPS,), 0.1).log(),
     }
     for v in p.values():
         v.requires_grad_()
@@ -191,12 +196,14 @@ def main(argv: list[str] | None = None) -> None:
 
     import distsvi
     import distsvi.distributions as ddist
-    from distsvi import infer as dinfer, optim as doptim
+    from distsvi import infer as dinfer
+    from distsvi import optim as doptim
 
     try:
         import pyro
         import pyro.distributions as pdist
-        from pyro import infer as pinfer, optim as poptim
+        from pyro import infer as pinfer
+        from pyro import optim as poptim
     except ImportError:
         pyro = None
 
@@ -223,8 +230,10 @@ def main(argv: list[str] | None = None) -> None:
         med = {k: statistics.median(v) * 1e6 for k, v in times.items()}
         rows.append((label, med))
 
-    print(f"median us per step, 1 thread, torch {torch.__version__}"
-          + (f", pyro {pyro.__version__}" if pyro else ""))
+    print(
+        f"median us per step, 1 thread, torch {torch.__version__}"
+        + (f", pyro {pyro.__version__}" if pyro else "")
+    )
     print(
         "| model | torch eager | distsvi eager | pyro | distsvi / torch | pyro / torch "
         "| torch compiled | distsvi compiled | compiled ratio |"

@@ -10,6 +10,8 @@ rank acts on them (invariant 4).
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from collections.abc import Sequence
 
 import torch
@@ -51,11 +53,35 @@ def _trailer_bucket(tensors: Sequence[Tensor], buckets: list[list[int]], trailer
     return -1
 
 
+def wait_all(works: Sequence[dist.Work], busy_wait_s: float = 0.0) -> None:
+    """Wait for ``works``, polling for up to ``busy_wait_s`` seconds before blocking.
+
+    A rank that blocks in ``wait()`` lets its core go idle, and on a virtual machine an idle
+    core is handed back to the host: waking it when the other rank's data arrives took
+    2-5 ms in about half the steps measured, against 0.5 ms for the all-reduce itself.
+    Polling (yielding the core to any other runnable thread between polls) keeps it awake.
+    After ``busy_wait_s`` it blocks, so a slow or failed rank costs no more CPU than that
+    and errors and timeouts surface from ``wait()`` as usual.
+
+    :param works: the handles of asynchronous collectives.
+    :param float busy_wait_s: how long to poll first (0: block at once).
+    """
+    if busy_wait_s > 0:
+        deadline = time.perf_counter() + busy_wait_s
+        pending = [w for w in works if not w.is_completed()]
+        while pending and time.perf_counter() < deadline:
+            os.sched_yield()
+            pending = [w for w in pending if not w.is_completed()]
+    for work in works:
+        work.wait()
+
+
 def all_reduce_mean(
     tensors: Sequence[Tensor],
     buckets: list[list[int]],
     trailer: Tensor,
     group: ProcessGroup,
+    busy_wait_s: float = 0.0,
 ) -> tuple[list[Tensor], Tensor]:
     """Average ``tensors`` and ``trailer`` over ranks, one collective per bucket.
 
@@ -68,6 +94,8 @@ def all_reduce_mean(
     :param buckets: their split, from :func:`bucket_indices`.
     :param trailer: a 1-d float tensor to average along with them.
     :param group: the process group.
+    :param float busy_wait_s: poll for completion this long before blocking (see
+        :func:`wait_all`; for CPU collectives, where waiting blocks the host).
     :returns: ``(averaged, trailer)``: views of the averaged values in the order of
         ``tensors``, and the averaged trailer followed by one more number, the sum of all
         averaged values, which is finite only if every one is. A non-finite value on any
@@ -87,8 +115,7 @@ def all_reduce_mean(
         flat = trailer.clone()
         works.append(dist.all_reduce(flat, group=group.torch_group, async_op=True))
         flats.append(flat)
-    for work in works:
-        work.wait()
+    wait_all(works, busy_wait_s)
     averaged: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
     for b, idx in enumerate(buckets):
         flat = flats[b].div_(group.world_size)

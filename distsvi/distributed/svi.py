@@ -62,6 +62,10 @@ class DataParallelSVI:
     :param float bucket_cap_mb: the size of a gradient bucket, in MiB.
     :param int seed: the run's seed, for the data shuffle.
     :param int max_bad_steps: how many non-finite steps in a row stop training.
+    :param float busy_wait_ms: on CPU (Gloo), poll for the gradient all-reduce for up to
+        this long before blocking; a blocked rank's idle core is slow to wake on virtual
+        machines (see :func:`~distsvi.distributed.reduce.wait_all`). 0 blocks at once;
+        ignored on GPU, where waiting does not block the host.
 
     Example::
 
@@ -82,6 +86,7 @@ class DataParallelSVI:
         bucket_cap_mb: float = 25.0,
         seed: int = 0,
         max_bad_steps: int = 10,
+        busy_wait_ms: float = 20.0,
     ) -> None:
         if isinstance(shard_plates, str):
             shard_plates = (shard_plates,)
@@ -89,11 +94,14 @@ class DataParallelSVI:
             raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}")
         if max_bad_steps < 1:
             raise ValueError(f"max_bad_steps must be >= 1, got {max_bad_steps}")
+        if not busy_wait_ms >= 0:
+            raise ValueError(f"busy_wait_ms must be >= 0, got {busy_wait_ms}")
         self.svi = svi
         self.group = group or current()
         self.shards = ShardedPlates(self.group, shard_plates, seed)
         self.cap_bytes = int(bucket_cap_mb * 2**20)
         self.max_bad_steps = max_bad_steps
+        self.busy_wait_s = busy_wait_ms / 1e3 if self.group.device.type == "cpu" else 0.0
         self.num_skipped = 0
         self.bad_in_a_row = 0
         self._seen: tuple[str, ...] = ()  # this rank's names at the last step
@@ -161,7 +169,9 @@ class DataParallelSVI:
         layout = self._layout
         grads = [_grad_or_zeros(params.get(n), p) for n, p in zip(layout, self._layout_params)]
         trailer = torch.stack((loss.detach().reshape(()), loss.new_tensor(float(changed))))
-        averaged, trailer = all_reduce_mean(grads, self._buckets, trailer, self.group)
+        averaged, trailer = all_reduce_mean(
+            grads, self._buckets, trailer, self.group, self.busy_wait_s
+        )
         # Sync point: the one host read of the step, the same numbers on every rank.
         mean_loss, any_changed, total = trailer.tolist()
         self._loss = mean_loss
