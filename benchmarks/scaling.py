@@ -26,7 +26,9 @@ ratio is ``(plain / DDP at 1 rank) * (DDP / DataParallelSVI at 2 ranks)``. Each 
 mean step time (datapoints/s is datapoints over time; the wait in a collective is bimodal
 here, which makes medians jump between runs). Throughput counts the datapoints of all
 ranks. The table shows the median round of each figure, the summary every round's ratio.
-Each rank is pinned to a core of its own (``--no-pin`` leaves placement to the OS).
+Each rank is pinned to a core of its own (``--no-pin`` leaves placement to the OS), and
+calls :func:`distsvi.distributed.tune_allocator`, as ``distsvi.distributed.init`` does on
+CPU (``--no-tune-allocator`` to compare).
 Goals (issue 5): world-size-1 overhead at most 5%; distsvi's 2-rank speed-up at least 0.95
 of DDP's on the same model and batch.
 """
@@ -143,9 +145,14 @@ def _rank(
     warmup: int,
     rounds: int,
     pin: bool,
+    tune: bool,
     out: str,
 ):
     torch.set_num_threads(1)
+    if tune:  # for every implementation: they share the process
+        from distsvi.distributed import tune_allocator
+
+        tune_allocator()
     if pin:
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[rank]})
     os.environ.update(
@@ -192,7 +199,7 @@ def can_pin(world_size: int) -> bool:
 
 
 def measure(
-    world_size: int, batch: int, steps: int, warmup: int, rounds: int, pin: bool
+    world_size: int, batch: int, steps: int, warmup: int, rounds: int, pin: bool, tune: bool
 ) -> dict[str, list[float]]:
     """Mean seconds per step on rank 0 of each implementation at this world size, a
     figure per round."""
@@ -208,6 +215,7 @@ def measure(
                 warmup,
                 rounds,
                 pin and can_pin(world_size),
+                tune,
                 out,
             ),
             nprocs=world_size,
@@ -242,15 +250,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-pin", dest="pin", action="store_false", help="do not pin each rank to a core"
     )
+    parser.add_argument(
+        "--no-tune-allocator",
+        dest="tune",
+        action="store_false",
+        help="leave glibc's allocator as it is (see distsvi.distributed.tune_allocator)",
+    )
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
     steps = dict(zip(args.sizes, args.steps + args.steps[-1:] * len(args.sizes)))
 
     pinned = "each rank pinned to a core" if args.pin and can_pin(2) else "ranks not pinned"
+    tuned = "allocator tuned" if args.tune else "allocator untuned"
     print(
         f"# {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, one "
-        f"thread per rank, {pinned}; mean step time, median of {args.rounds} rounds; "
+        f"thread per rank, {pinned}, {tuned}; mean step time, median of {args.rounds} rounds; "
         f"load average {os.getloadavg()[0]:.1f} at start"
     )
     header = (
@@ -263,7 +278,9 @@ def main(argv: list[str] | None = None) -> None:
     for batch in args.sizes:
         rounds: list[dict] = [{} for _ in range(args.rounds)]  # {(impl, ranks): s/step}
         for world_size in (1, 2):
-            times = measure(world_size, batch, steps[batch], args.warmup, args.rounds, args.pin)
+            times = measure(
+                world_size, batch, steps[batch], args.warmup, args.rounds, args.pin, args.tune
+            )
             for impl, per_round in times.items():
                 for r, s in enumerate(per_round):
                     rounds[r][impl, world_size] = s

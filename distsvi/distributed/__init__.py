@@ -25,7 +25,14 @@ from .data import (
     shard_indices,
     shard_tensors,
 )
-from .process_group import ProcessGroup, current, default_backend, init, shutdown
+from .process_group import (
+    ProcessGroup,
+    current,
+    default_backend,
+    init,
+    shutdown,
+    tune_allocator,
+)
 from .reduce import all_ranks, all_reduce_scalars, any_rank
 from .svi import DataParallelSVI
 
@@ -46,4 +53,5 @@ __all__ = [
     "shard_indices",
     "shard_tensors",
     "shutdown",
+    "tune_allocator",
 ]

@@ -14,9 +14,11 @@ one rank of a job::
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import logging
 import os
+import platform
 from dataclasses import dataclass, field
 
 import torch
@@ -74,10 +76,42 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+_MMAP_THRESHOLD_MAX = 32 * 2**20  # the largest glibc accepts on 64-bit machines
+
+
+def tune_allocator(keep_bytes: int = 2**30) -> bool:
+    """Keep freed CPU memory mapped between steps (glibc only; a no-op elsewhere).
+
+    Every step allocates and frees the same activation-sized buffers. By default glibc
+    serves buffers above a moving threshold with fresh ``mmap`` calls and gives freed
+    memory at the top of its heap back to the OS, so a step can page-fault on all of its
+    activations again: measured at 8192 datapoints of an MLP, 5000 page faults and 12% of
+    the step's time, which also makes ranks of one job unequal and the fast ones wait.
+    This serves buffers up to 32 MiB from the heap and keeps up to ``keep_bytes`` of freed
+    heap mapped, at the price of the process's resident memory staying near its peak.
+    It changes the whole process's allocator, so it is applied by :func:`init` on CPU and
+    by ``distsvi train``, not by the engine.
+
+    :param int keep_bytes: freed memory at the top of the heap that stays mapped.
+    :returns: whether the settings were applied (``False`` where libc is not glibc).
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(
+        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and mallopt(_M_TRIM_THRESHOLD, keep_bytes)
+    )
+
+
 def init(
     backend: str | None = None,
     timeout: datetime.timedelta = DEFAULT_TIMEOUT,
     device: str | torch.device | None = None,
+    tune_cpu_allocator: bool = True,
 ) -> ProcessGroup:
     """Join the job described by the ``torchrun`` environment.
 
@@ -91,6 +125,8 @@ def init(
         fails instead of hanging.
     :param device: the device to compute on; default ``cuda:LOCAL_RANK`` under NCCL
         (made the current CUDA device), else ``cpu``.
+    :param bool tune_cpu_allocator: on CPU, call :func:`tune_allocator` so that steps stop
+        page-faulting on their activations.
     :returns: this rank's :class:`ProcessGroup`.
 
     Example::
@@ -120,6 +156,8 @@ def init(
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    elif device.type == "cpu" and tune_cpu_allocator:
+        tune_allocator()
     if world_size > 1 and not dist.is_initialized():
         for name in ("MASTER_ADDR", "MASTER_PORT"):
             if name not in os.environ:

@@ -65,14 +65,16 @@ def losses_at_fixed_params(group: ProcessGroup, steps: int, batch: int) -> list[
     return [dp.step(x, y, batch=batch) for _ in range(steps)]
 
 
-def identical_state(group: ProcessGroup, steps: int) -> dict:
+def identical_state(group: ProcessGroup, steps: int, busy_wait_ms: float = 20.0) -> dict:
     seed_rank(0, group)
     noise = torch.randn(3)  # differs per rank: Monte-Carlo noise is per rank
     seed_rank(0, group)
     x, y = m.make_hierarchical()
     optim = Adam({"lr": 0.05})
     guide = AutoNormal(m.hierarchical_model)  # a global and a per-datapoint latent
-    dp = DataParallelSVI(SVI(m.hierarchical_model, guide, optim, Trace_ELBO()), group)
+    dp = DataParallelSVI(
+        SVI(m.hierarchical_model, guide, optim, Trace_ELBO()), group, busy_wait_ms=busy_wait_ms
+    )
     losses = [dp.step(x, y, batch=32) for _ in range(steps)]
     return {"params": snapshot(), "optim": optim.get_state(), "noise": noise, "losses": losses}
 
@@ -277,3 +279,23 @@ def validation_autoguide(group: ProcessGroup) -> dict:
     for _ in range(3):
         dp.step(x, y, batch=16)
     return {"state": pyro.get_param_store().get_state(), "loss": dp.evaluate_loss(x, y, batch=16)}
+
+
+def late_peer(group: ProcessGroup, late_s: float, busy_wait_s: float) -> dict:
+    """Rank 1 joins an all-reduce ``late_s`` seconds after rank 0, which polls for
+    ``busy_wait_s`` and then blocks; rank 0 reports how long it waited and its CPU time."""
+    import time
+
+    from distsvi.distributed.reduce import wait_all
+
+    t = torch.full((1000,), float(group.rank + 1))
+    torch.distributed.barrier()
+    if group.rank == 1:
+        time.sleep(late_s)
+    wall, cpu = time.perf_counter(), time.process_time()
+    wait_all([torch.distributed.all_reduce(t, async_op=True)], busy_wait_s)
+    return {
+        "wall": time.perf_counter() - wall,
+        "cpu": time.process_time() - cpu,
+        "value": t.clone(),
+    }
