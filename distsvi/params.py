@@ -71,12 +71,16 @@ class ParamStore:
         self._params: dict[str, torch.Tensor] = {}
         self._constraints: dict[str, constraints.Constraint] = {}
         self._transforms: dict[str, Any] = {}
+        # Modules registered by distsvi.module, by name: their buffers (e.g. BatchNorm
+        # statistics) are state that is not a param, which data parallelism keeps in sync.
+        self._modules: dict[str, torch.nn.Module] = {}
 
     # dict-like access -------------------------------------------------------------
     def clear(self) -> None:
         self._params.clear()
         self._constraints.clear()
         self._transforms.clear()
+        self._modules.clear()
 
     def __len__(self) -> int:
         return len(self._params)

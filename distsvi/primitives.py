@@ -186,6 +186,8 @@ def module(
     :returns: the module.
     """
     store = _PARAM_STORE
+    if store._modules.get(name) is not nn_module:
+        store._modules[name] = nn_module
     for pname, p in nn_module.named_parameters():
         full = param_with_module_name(name, pname)
         stored = store._params.get(full)

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from distsvi.infer import SVI
+from distsvi.params import _PARAM_STORE, param_with_module_name
 
 from .data import ShardedPlates
 from .process_group import ProcessGroup, current
@@ -46,7 +47,12 @@ class DataParallelSVI:
       new params appear);
     - a non-finite loss or gradient on any rank makes the step skipped on every rank
       (counted in :attr:`num_skipped`); ``max_bad_steps`` in a row raise
-      ``FloatingPointError`` on every rank.
+      ``FloatingPointError`` on every rank;
+    - buffers of the modules registered with :func:`distsvi.module` whose params
+      the step touched (BatchNorm's running statistics, say) are broadcast from rank 0
+      after the step, as ``DistributedDataParallel`` does before each forward, so every
+      rank ends each step with the same state (one collective per dtype when such buffers
+      exist, none otherwise).
 
     With world size 1 nothing is wrapped: :meth:`step` is ``svi.step``, bit for bit, and
     plates draw as they would without it (:meth:`evaluate_loss` still evaluates all the
@@ -109,6 +115,7 @@ class DataParallelSVI:
         self._layout_params: list[Tensor] = []
         self._buckets: list[list[int]] = []
         self._synced: set[str] = set()  # params broadcast from rank 0 already
+        self._modules: list[torch.nn.Module] = []  # whose buffers follow rank 0
         self._rerun = False
         self._loss = float("nan")
         if self.group.is_distributed:
@@ -138,6 +145,10 @@ class DataParallelSVI:
                         "new params appeared again when the step was rerun; a model and "
                         "guide must create the same params every time they run"
                     )
+        if self._modules:
+            buffers = [b for m in self._modules for b in m.buffers()]
+            if buffers:
+                broadcast_(buffers, self.group, self.cap_bytes)
         return self._loss
 
     def evaluate_loss(self, *args: Any, **kwargs: Any) -> float:
@@ -194,6 +205,12 @@ class DataParallelSVI:
         new = sorted(added - self._synced)
         self._layout = layout
         self._layout_params = [params[n] for n in layout]
+        # The same modules on every rank: they follow from the agreed names.
+        self._modules = [
+            m
+            for name, m in sorted(_PARAM_STORE._modules.items())
+            if any(n.startswith(param_with_module_name(name, "")) for n in layout)
+        ]
         self._buckets = bucket_indices(self._layout_params, self.cap_bytes)
         if new:
             # Invariant 3: rank 0's initial values, before any update uses them.

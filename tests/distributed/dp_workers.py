@@ -299,3 +299,28 @@ def late_peer(group: ProcessGroup, late_s: float, busy_wait_s: float) -> dict:
         "cpu": time.process_time() - cpu,
         "value": t.clone(),
     }
+
+
+def batchnorm_buffers(group: ProcessGroup, steps: int) -> dict:
+    """An amortized guide with BatchNorm: its running statistics are buffers, not params,
+    and each rank's shard would move them differently."""
+    seed_rank(0, group)
+    torch.manual_seed(0)  # the same module init on both ranks
+    x = torch.randn(256, 3) * torch.tensor([1.0, 5.0, 0.1]) + 2.0
+    encoder = torch.nn.Sequential(torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
+
+    def model(x):
+        with pyro.plate("data", x.shape[0], subsample_size=32) as idx:
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("obs", dist.Normal(z.unsqueeze(-1), 1.0).to_event(1), obs=x[idx])
+
+    def guide(x):
+        pyro.module("encoder", encoder)
+        with pyro.plate("data", x.shape[0], subsample_size=32) as idx:
+            loc, log_scale = encoder(x[idx]).unbind(-1)
+            pyro.sample("z", dist.Normal(loc, log_scale.exp()))
+
+    dp = DataParallelSVI(SVI(model, guide, Adam({"lr": 0.01}), Trace_ELBO()), group)
+    for _ in range(steps):
+        dp.step(x)
+    return {"buffers": {n: b.clone() for n, b in encoder.named_buffers()}, "params": snapshot()}

@@ -73,3 +73,12 @@ def test_every_loss_keeps_ranks_identical(backend):
     for name in r0:
         assert_same(r0[name], r1[name])
         assert all(torch.isfinite(torch.tensor(r0[name]["losses"]))), name
+
+
+def test_module_buffers_follow_rank_0(backend):
+    r0, r1 = ok(run_ranks(w.batchnorm_buffers, 5, backend=backend))
+    assert_same(r0["buffers"], r1["buffers"])
+    assert_same(r0["params"], r1["params"])
+    mean = r0["buffers"]["0.running_mean"]
+    assert not torch.allclose(mean, torch.zeros(3)), "the statistics must have moved"
+    assert int(r0["buffers"]["0.num_batches_tracked"]) >= 5
