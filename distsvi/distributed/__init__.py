@@ -30,6 +30,7 @@ from .process_group import (
     current,
     default_backend,
     init,
+    pin_to_cores,
     shutdown,
     tune_allocator,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "default_backend",
     "epoch_permutation",
     "init",
+    "pin_to_cores",
     "rank_seed",
     "seed_rank",
     "shard_indices",

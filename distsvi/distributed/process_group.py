@@ -107,11 +107,42 @@ def tune_allocator(keep_bytes: int = 2**30) -> bool:
     )
 
 
+def pin_to_cores(local_rank: int, local_world_size: int) -> list[int]:
+    """Give this process its own share of the cores it may run on: ``k`` consecutive cores,
+    ``k`` = available cores // ranks on this node, and at most ``k`` torch threads.
+
+    On CPU, ranks that share cores stall each other (a rank waiting in a collective is
+    woken late when the other rank's compute holds its core): measured with 2 ranks on 2
+    cores, pinning took a step of the scaling benchmark from 8.2 to 6.6 ms. Not the
+    default, because two jobs pinned on one machine would share the same cores.
+
+    :param int local_rank: this rank's place on the node.
+    :param int local_world_size: the ranks on the node (``LOCAL_WORLD_SIZE``).
+    :returns: the cores this process now runs on.
+    :raises ValueError: if there are fewer cores than ranks on the node.
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        raise ValueError("pinning ranks to cores needs Linux (os.sched_setaffinity)")
+    cores = sorted(os.sched_getaffinity(0))
+    per_rank = len(cores) // local_world_size
+    if per_rank == 0:
+        raise ValueError(
+            f"cannot pin {local_world_size} ranks to {len(cores)} cores: run at most "
+            f"{len(cores)} ranks on this node, or do not pin (dist.pin_cpus=false)"
+        )
+    mine = cores[local_rank * per_rank : (local_rank + 1) * per_rank]
+    os.sched_setaffinity(0, mine)
+    if torch.get_num_threads() > per_rank:
+        torch.set_num_threads(per_rank)
+    return mine
+
+
 def init(
     backend: str | None = None,
     timeout: datetime.timedelta = DEFAULT_TIMEOUT,
     device: str | torch.device | None = None,
     tune_cpu_allocator: bool = True,
+    pin_cpus: bool = False,
 ) -> ProcessGroup:
     """Join the job described by the ``torchrun`` environment.
 
@@ -127,6 +158,8 @@ def init(
         (made the current CUDA device), else ``cpu``.
     :param bool tune_cpu_allocator: on CPU, call :func:`tune_allocator` so that steps stop
         page-faulting on their activations.
+    :param bool pin_cpus: on CPU, give each rank of this node cores of its own
+        (:func:`pin_to_cores`, with ``LOCAL_WORLD_SIZE`` ranks on the node).
     :returns: this rank's :class:`ProcessGroup`.
 
     Example::
@@ -156,8 +189,12 @@ def init(
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    elif device.type == "cpu" and tune_cpu_allocator:
-        tune_allocator()
+    elif device.type == "cpu":
+        if tune_cpu_allocator:
+            tune_allocator()
+        if pin_cpus:
+            cores = pin_to_cores(local_rank, _env_int("LOCAL_WORLD_SIZE", world_size))
+            logger.info("rank %d pinned to cores %s", rank, cores)
     if world_size > 1 and not dist.is_initialized():
         for name in ("MASTER_ADDR", "MASTER_PORT"):
             if name not in os.environ:

@@ -165,6 +165,8 @@ class DistConfig:
     """Seconds a collective waits for the other ranks before failing."""
     bucket_cap_mb: float = 25.0
     """Size of a gradient all-reduce bucket, in MiB."""
+    pin_cpus: bool = False
+    """On CPU, give each rank of a node cores of its own (cores // ranks per node)."""
 
 
 @dataclass

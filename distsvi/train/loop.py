@@ -31,6 +31,7 @@ def _init(cfg: TrainConfig) -> distributed.ProcessGroup:
         backend=None if cfg.dist.backend == "auto" else cfg.dist.backend,
         timeout=datetime.timedelta(seconds=cfg.dist.timeout_s),
         device=None if cfg.run.device == "auto" else cfg.run.device,
+        pin_cpus=cfg.dist.pin_cpus,
     )
 
 

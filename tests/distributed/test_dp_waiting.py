@@ -1,8 +1,10 @@
-"""How a rank waits for the gradient all-reduce on CPU: it polls for a bounded time, then
-blocks; and the allocator setting that keeps a step's buffers mapped."""
+"""CPU ranks: how a rank waits for the gradient all-reduce (it polls for a bounded time,
+then blocks), the allocator setting that keeps a step's buffers mapped, and core pinning."""
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 import subprocess
 import sys
@@ -13,7 +15,7 @@ import pytest
 import torch
 from dp_harness import assert_same, ok, run_ranks
 
-from distsvi.distributed import DataParallelSVI
+from distsvi.distributed import DataParallelSVI, pin_to_cores
 from distsvi.infer import SVI, Trace_ELBO
 from distsvi.optim import Adam
 
@@ -96,3 +98,46 @@ def test_tuned_allocator_stops_steps_page_faulting():
     tuned = _faults_per_step("tuned")
     # The heap still grows now and then while it settles; the churn is gone.
     assert tuned < untuned / 4, f"{tuned:.0f} page faults per step tuned, {untuned:.0f} untuned"
+
+
+PIN = textwrap.dedent(
+    """
+    import json, os, sys, torch
+    from distsvi.distributed import pin_to_cores
+    cores = pin_to_cores(int(sys.argv[1]), int(sys.argv[2]))
+    assert sorted(os.sched_getaffinity(0)) == cores, (cores, os.sched_getaffinity(0))
+    print(json.dumps([cores, torch.get_num_threads()]))
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux")
+def test_ranks_of_a_node_get_disjoint_cores():
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) < 2:
+        pytest.skip("needs 2 cores")
+    got = []
+    for rank in (0, 1):
+        out = subprocess.run(
+            [sys.executable, "-c", PIN, str(rank), "2"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        cores, threads = json.loads(out.stdout)
+        got.append(cores)
+        assert threads <= len(available) // 2
+    assert len(got[0]) == len(got[1]) == len(available) // 2
+    assert not set(got[0]) & set(got[1])
+    assert set(got[0]) | set(got[1]) <= set(available)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux")
+def test_more_ranks_than_cores_is_refused_before_pinning():
+    before = os.sched_getaffinity(0)
+    n = len(before) + 1
+    with pytest.raises(ValueError, match=f"cannot pin {n} ranks to {len(before)} cores"):
+        pin_to_cores(0, n)
+    assert os.sched_getaffinity(0) == before

@@ -65,6 +65,8 @@ def test_two_processes_one_events_file_and_eval_matches(tmp_path, capsys):
     from distsvi import cli
 
     job = [str(CONFIGS / "quickstart.yaml"), "guide.name=AutoDelta", "run.steps=100"]
+    if len(os.sched_getaffinity(0)) >= 2:
+        job.append("dist.pin_cpus=true")  # a core of its own per rank: the same numbers
     proc = run_launch(["--nproc-per-node", "2", *job, *dirs(tmp_path)], timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert len(event_files(tmp_path / "tb")) == 1
