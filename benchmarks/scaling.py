@@ -26,9 +26,10 @@ ratio is ``(plain / DDP at 1 rank) * (DDP / DataParallelSVI at 2 ranks)``. Each 
 mean step time (datapoints/s is datapoints over time; the wait in a collective is bimodal
 here, which makes medians jump between runs). Throughput counts the datapoints of all
 ranks. The table shows the median round of each figure, the summary every round's ratio.
-Each rank is pinned to a core of its own (``--no-pin`` leaves placement to the OS), and
-calls :func:`distsvi.distributed.tune_allocator`, as ``distsvi.distributed.init`` does on
-CPU (``--no-tune-allocator`` to compare).
+Each rank is pinned to a core of its own (:func:`distsvi.distributed.pin_to_cores`, what
+``dist.pin_cpus=true`` does; ``--no-pin`` leaves placement to the OS) and calls
+:func:`distsvi.distributed.tune_allocator`, as ``distsvi.distributed.init`` does on CPU
+(``--no-tune-allocator`` to compare).
 Goals (issue 5): world-size-1 overhead at most 5%; distsvi's 2-rank speed-up at least 0.95
 of DDP's on the same model and batch.
 """
@@ -148,13 +149,14 @@ def _rank(
     tune: bool,
     out: str,
 ):
-    torch.set_num_threads(1)
-    if tune:  # for every implementation: they share the process
-        from distsvi.distributed import tune_allocator
+    from distsvi.distributed import pin_to_cores, tune_allocator
 
+    torch.set_num_threads(1)
+    # Both for every implementation: they share the process.
+    if tune:
         tune_allocator()
     if pin:
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[rank]})
+        pin_to_cores(rank, world_size)
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
