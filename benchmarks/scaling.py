@@ -15,17 +15,18 @@ estimated at the plate's subsample. Five ways to train it, one thread per rank:
 - ``torch DDP``: the same model and estimator written in plain torch, wrapped in
   ``torch.nn.parallel.DistributedDataParallel``, on 1 and 2 ranks (the floor).
 
-The build machine is shared, so the implementations of one world size run in the same
-processes, in blocks of consecutive steps: ``--rounds`` blocks of each, the order rotating
-from round to round, each block's first ``--warmup`` steps untimed. (Blocks rather than
-alternate steps: on a virtual machine how fast a waiting core wakes depends on how it was
-woken in the last few milliseconds, so one implementation's waits would bend the timings of
-the other's.) Every comparison that matters is between blocks of the same round: the
-world-size-1 overhead (DataParallelSVI against plain SVI), and the 2-rank speed-ups, whose
-ratio is ``(plain / DDP at 1 rank) * (DDP / DataParallelSVI at 2 ranks)``. Each figure is a
-mean step time (datapoints/s is datapoints over time; the wait in a collective is bimodal
-here, which makes medians jump between runs). Throughput counts the datapoints of all
-ranks. The table shows the median round of each figure, the summary every round's ratio.
+The build machine is a shared virtual machine whose speed drifts by 10-40% over tens of
+seconds (measured: the same SVI step took 7.9 ms and, a minute later, 5.0 ms in one
+process). So the implementations of one world size run in the same processes, interleaved
+in short blocks of ``--block`` steps (each block's first ``--warmup`` steps untimed), the
+order rotating from block to block, until each has run ``--steps`` timed steps: a drift
+then slows all of them alike. Every comparison that matters is between implementations
+timed in the same processes: the world-size-1 overhead (DataParallelSVI against plain
+SVI), and the ratio of the 2-rank speed-ups, ``(plain / DDP at 1 rank) * (DDP /
+DataParallelSVI at 2 ranks)``. The speed-up column itself compares runs made at different
+times, so it moves with the drift. Each figure is a mean step time over all timed steps
+(datapoints/s counts the datapoints of all ranks); the summary also gives the ratios of
+each fifth of the run, in order, to show their spread.
 Each rank is pinned to a core of its own (:func:`distsvi.distributed.pin_to_cores`, what
 ``dist.pin_cpus=true`` does; ``--no-pin`` leaves placement to the OS) and calls
 :func:`distsvi.distributed.tune_allocator`, as ``distsvi.distributed.init`` does on CPU
@@ -40,7 +41,6 @@ import argparse
 import os
 import platform
 import socket
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -143,8 +143,8 @@ def _rank(
     port: int,
     batch: int,
     steps: int,
+    block: int,
     warmup: int,
-    rounds: int,
     pin: bool,
     tune: bool,
     out: str,
@@ -174,17 +174,18 @@ def _rank(
     if world_size == 1:
         steppers["plain"] = distsvi_stepper("plain", False, x, batch)
     names = list(steppers)
-    means: dict[str, list[float]] = {name: [] for name in names}  # one per round
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+    blocks = -(-steps // block)
+    times: dict[str, list[float]] = {name: [] for name in names}  # seconds, one per block
+    for b in range(blocks):
+        for name in names[b % len(names) :] + names[: b % len(names)]:
             for _ in range(warmup):
                 steppers[name]()
             t = time.perf_counter()
-            for _ in range(steps):
+            for _ in range(block):
                 steppers[name]()
-            means[name].append((time.perf_counter() - t) / steps)
+            times[name].append(time.perf_counter() - t)
     if rank == 0:
-        torch.save(means, out)
+        torch.save({name: (block, t) for name, t in times.items()}, out)
     dist.barrier()  # no rank leaves while another still talks to it
     dist.destroy_process_group()
 
@@ -201,10 +202,10 @@ def can_pin(world_size: int) -> bool:
 
 
 def measure(
-    world_size: int, batch: int, steps: int, warmup: int, rounds: int, pin: bool, tune: bool
+    world_size: int, batch: int, steps: int, block: int, warmup: int, pin: bool, tune: bool
 ) -> dict[str, list[float]]:
-    """Mean seconds per step on rank 0 of each implementation at this world size, a
-    figure per round."""
+    """Seconds per step on rank 0 of each implementation at this world size, one figure
+    per block, the blocks in the order they ran."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "times.pt")
         mp.start_processes(
@@ -214,8 +215,8 @@ def measure(
                 _free_port(),
                 batch,
                 steps,
+                block,
                 warmup,
-                rounds,
                 pin and can_pin(world_size),
                 tune,
                 out,
@@ -223,7 +224,8 @@ def measure(
             nprocs=world_size,
             start_method="spawn",
         )
-        return torch.load(out)
+        blocks = torch.load(out)
+    return {name: [t / b for t in ts] for name, (b, ts) in blocks.items()}
 
 
 ROWS = [
@@ -235,6 +237,16 @@ ROWS = [
 ]
 
 
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _fifths(xs: list[float]) -> list[float]:
+    """Means of the five consecutive parts of ``xs`` (fewer if it is shorter)."""
+    k = min(5, len(xs))
+    return [_mean(xs[len(xs) * i // k : len(xs) * (i + 1) // k]) for i in range(k)]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="distsvi data-parallel scaling vs torch DDP")
     parser.add_argument(
@@ -244,11 +256,17 @@ def main(argv: list[str] | None = None) -> None:
         "--steps",
         type=int,
         nargs="+",
-        default=[300, 30],
-        help="timed steps of each block, for each size",
+        default=[1000, 100],
+        help="timed steps of each implementation, for each size",
     )
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps of each block")
-    parser.add_argument("--rounds", type=int, default=3, help="blocks of each implementation")
+    parser.add_argument(
+        "--block",
+        type=int,
+        nargs="+",
+        default=[20, 2],
+        help="timed steps of a block, for each size",
+    )
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each block")
     parser.add_argument(
         "--no-pin", dest="pin", action="store_false", help="do not pin each rank to a core"
     )
@@ -259,16 +277,20 @@ def main(argv: list[str] | None = None) -> None:
         help="leave glibc's allocator as it is (see distsvi.distributed.tune_allocator)",
     )
     args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error(f"--rounds must be >= 1, got {args.rounds}")
-    steps = dict(zip(args.sizes, args.steps + args.steps[-1:] * len(args.sizes)))
+
+    def per_size(values: list[int], flag: str) -> dict[int, int]:
+        if min(values) < 1:
+            parser.error(f"{flag} must be >= 1, got {min(values)}")
+        return dict(zip(args.sizes, values + values[-1:] * len(args.sizes)))
+
+    steps, block = per_size(args.steps, "--steps"), per_size(args.block, "--block")
 
     pinned = "each rank pinned to a core" if args.pin and can_pin(2) else "ranks not pinned"
     tuned = "allocator tuned" if args.tune else "allocator untuned"
     print(
         f"# {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, one "
-        f"thread per rank, {pinned}, {tuned}; mean step time, median of {args.rounds} rounds; "
-        f"load average {os.getloadavg()[0]:.1f} at start"
+        f"thread per rank, {pinned}, {tuned}; mean step time, implementations interleaved "
+        f"in blocks; load average {os.getloadavg()[0]:.1f} at start"
     )
     header = (
         f"{'implementation':<26}{'ranks':>6}{'batch/rank':>12}{'ms/step':>10}"
@@ -278,32 +300,39 @@ def main(argv: list[str] | None = None) -> None:
     print("-" * len(header))
     summary = []
     for batch in args.sizes:
-        rounds: list[dict] = [{} for _ in range(args.rounds)]  # {(impl, ranks): s/step}
+        times: dict[tuple[str, int], list[float]] = {}  # (impl, ranks): s/step per block
         for world_size in (1, 2):
-            times = measure(
-                world_size, batch, steps[batch], args.warmup, args.rounds, args.pin, args.tune
+            measured = measure(
+                world_size, batch, steps[batch], block[batch], args.warmup, args.pin, args.tune
             )
-            for impl, per_round in times.items():
-                for r, s in enumerate(per_round):
-                    rounds[r][impl, world_size] = s
-        seconds = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+            for impl, per_block in measured.items():
+                times[impl, world_size] = per_block
+        seconds = {key: _mean(ts) for key, ts in times.items()}
         for label, impl, world_size in ROWS:
             s = seconds[impl, world_size]
             base = seconds["plain", 1] if impl == "dp" else seconds[impl, 1]
-            speedup = world_size * base / s
             print(
                 f"{label:<26}{world_size:>6}{batch:>12}{1e3 * s:>10.2f}"
-                f"{world_size * batch / s:>14.0f}{speedup:>9.2f}x"
+                f"{world_size * batch / s:>14.0f}{world_size * base / s:>9.2f}x"
             )
-        overheads = [r["dp", 1] / r["plain", 1] - 1 for r in rounds]
-        ours = [2 * r["plain", 1] / r["dp", 2] for r in rounds]
-        floor = [2 * r["ddp", 1] / r["ddp", 2] for r in rounds]
-        ratios = [a / b for a, b in zip(ours, floor)]
+        parts = {key: _fifths(ts) for key, ts in times.items()}
+        overhead = seconds["dp", 1] / seconds["plain", 1] - 1
+        ours = 2 * seconds["plain", 1] / seconds["dp", 2]
+        floor = 2 * seconds["ddp", 1] / seconds["ddp", 2]
+        # Each factor is a ratio of implementations timed side by side.
+        ratio = (seconds["plain", 1] / seconds["ddp", 1]) * (seconds["ddp", 2] / seconds["dp", 2])
+        part_overheads = [a / b - 1 for a, b in zip(parts["dp", 1], parts["plain", 1])]
+        part_ratios = [
+            (p1 / d1) * (d2 / q2)
+            for p1, d1, d2, q2 in zip(
+                parts["plain", 1], parts["ddp", 1], parts["ddp", 2], parts["dp", 2]
+            )
+        ]
         summary.append(
-            f"batch {batch}: world-size-1 overhead {100 * statistics.median(overheads):+.1f}% "
-            f"(goal <= 5%); 2-rank speed-up distsvi {statistics.median(ours):.2f}x vs DDP "
-            f"{statistics.median(floor):.2f}x; distsvi/DDP {statistics.median(ratios):.2f} "
-            f"(goal >= 0.95), rounds: {', '.join(f'{r:.2f}' for r in ratios)}"
+            f"batch {batch}: world-size-1 overhead {100 * overhead:+.1f}% (goal <= 5%; by "
+            f"fifths {', '.join(f'{100 * o:+.1f}%' for o in part_overheads)}); 2-rank "
+            f"speed-up distsvi {ours:.2f}x vs DDP {floor:.2f}x; distsvi/DDP {ratio:.2f} "
+            f"(goal >= 0.95; by fifths {', '.join(f'{r:.2f}' for r in part_ratios)})"
         )
         print(flush=True)
     print("\n".join(summary))
