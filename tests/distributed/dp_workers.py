@@ -19,7 +19,13 @@ from distsvi.distributed import (
 )
 from distsvi.distributions import constraints
 from distsvi.infer import SVI, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
-from distsvi.infer.autoguide import AutoDelta, AutoDiagonalNormal, AutoNormal
+from distsvi.infer.autoguide import (
+    AutoDelta,
+    AutoDiagonalNormal,
+    AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+)
 from distsvi.optim import SGD, Adam
 
 MODELS = {
@@ -118,6 +124,30 @@ def every_loss(group: ProcessGroup, steps: int) -> dict:
         dp = DataParallelSVI(SVI(model, guide, Adam({"lr": 0.05}), loss()), group)
         losses = [dp.step(x, y, batch=16) for _ in range(steps)]
         out[name] = {"losses": losses, "params": snapshot()}
+    return out
+
+
+AUTOGUIDES = {
+    "AutoDelta": AutoDelta,
+    "AutoNormal": AutoNormal,
+    "AutoDiagonalNormal": AutoDiagonalNormal,
+    "AutoMultivariateNormal": AutoMultivariateNormal,
+    "AutoLowRankMultivariateNormal": lambda model: AutoLowRankMultivariateNormal(model, rank=2),
+}
+
+
+def every_autoguide(group: ProcessGroup, steps: int) -> dict:
+    """Each autoguide on the logistic model (global latents: every guide takes them)."""
+    out = {}
+    for name, make_guide in AUTOGUIDES.items():
+        pyro.clear_param_store()
+        seed_rank(0, group)
+        x, y = m.make_logistic()
+        svi = SVI(m.logistic_model, make_guide(m.logistic_model), Adam({"lr": 0.05}), Trace_ELBO())
+        dp = DataParallelSVI(svi, group)
+        losses = [dp.step(x, y, batch=32) for _ in range(steps)]
+        full = dp.evaluate_loss(x, y)
+        out[name] = {"losses": losses, "params": snapshot(), "full": full}
     return out
 
 

@@ -75,6 +75,17 @@ def test_every_loss_keeps_ranks_identical(backend):
         assert all(torch.isfinite(torch.tensor(r0[name]["losses"]))), name
 
 
+def test_every_autoguide_keeps_ranks_identical_and_learns(backend):
+    r0, r1 = ok(run_ranks(w.every_autoguide, 60, backend=backend))
+    assert r0.keys() == w.AUTOGUIDES.keys()
+    for name in r0:
+        assert_same(r0[name]["params"], r1[name]["params"])
+        assert r0[name]["losses"] == r1[name]["losses"], name
+        assert r0[name]["full"] == r1[name]["full"], name
+        first, last = r0[name]["losses"][:10], r0[name]["losses"][-10:]
+        assert sum(last) < 0.9 * sum(first), f"{name} did not learn: {first} -> {last}"
+
+
 def test_module_buffers_follow_rank_0(backend):
     r0, r1 = ok(run_ranks(w.batchnorm_buffers, 5, backend=backend))
     assert_same(r0["buffers"], r1["buffers"])
