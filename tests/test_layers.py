@@ -6,7 +6,11 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "distsvi"
-ENGINE = [p for p in PKG.rglob("*.py") if p.relative_to(PKG).parts[0] not in ("distributed", "train", "cli.py")]
+ENGINE = [
+    p
+    for p in PKG.rglob("*.py")
+    if p.relative_to(PKG).parts[0] not in ("distributed", "train", "cli.py")
+]
 DISTRIBUTED = list((PKG / "distributed").rglob("*.py"))
 
 
@@ -35,7 +39,9 @@ def higher(names: set[str], layers: tuple[str, ...]) -> set[str]:
 
 @pytest.mark.parametrize("path", ENGINE, ids=lambda p: str(p.relative_to(PKG)))
 def test_engine_never_imports_distributed_or_train(path):
-    assert not higher(imported_modules(path), ("distsvi.distributed", "distsvi.train", "distsvi.cli"))
+    assert not higher(
+        imported_modules(path), ("distsvi.distributed", "distsvi.train", "distsvi.cli")
+    )
 
 
 @pytest.mark.parametrize("path", DISTRIBUTED, ids=lambda p: str(p.relative_to(PKG)))
@@ -46,5 +52,8 @@ def test_distributed_never_imports_train(path):
 def test_the_check_sees_a_violation():
     probe = PKG / "infer" / "probe.py"  # not written: the source is given
     names = imported_modules(probe, "from ..distributed import init\nimport distsvi.train.loop\n")
-    assert higher(names, ("distsvi.distributed",)) == {"distsvi.distributed", "distsvi.distributed.init"}
+    assert higher(names, ("distsvi.distributed",)) == {
+        "distsvi.distributed",
+        "distsvi.distributed.init",
+    }
     assert higher(names, ("distsvi.train",)) == {"distsvi.train.loop"}
