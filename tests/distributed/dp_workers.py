@@ -354,3 +354,23 @@ def batchnorm_buffers(group: ProcessGroup, steps: int) -> dict:
     for _ in range(steps):
         dp.step(x)
     return {"buffers": {n: b.clone() for n, b in encoder.named_buffers()}, "params": snapshot()}
+
+
+def compiled_and_eager(group: ProcessGroup, steps: int) -> dict:
+    """The same data-parallel run, eager and with ``SVI(compile=True)``."""
+    out = {}
+    for name, compile_ in (("eager", False), ("compiled", True)):
+        pyro.clear_param_store()
+        seed_rank(0, group)
+        x, y = m.make_logistic()
+        svi = SVI(
+            m.logistic_model,
+            m.logistic_normal_guide,
+            Adam({"lr": 0.05}),
+            Trace_ELBO(),
+            compile=compile_,
+        )
+        dp = DataParallelSVI(svi, group)
+        losses = [dp.step(x, y, batch=32) for _ in range(steps)]
+        out[name] = {"losses": losses, "params": snapshot(), "compiled": svi._compiled is not None}
+    return out

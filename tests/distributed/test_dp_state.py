@@ -93,3 +93,19 @@ def test_module_buffers_follow_rank_0(backend):
     mean = r0["buffers"]["0.running_mean"]
     assert not torch.allclose(mean, torch.zeros(3)), "the statistics must have moved"
     assert int(r0["buffers"]["0.num_batches_tracked"]) >= 5
+
+
+@pytest.mark.timeout(600)
+def test_compiled_steps_take_the_eager_steps_on_two_ranks():
+    r0, r1 = ok(run_ranks(w.compiled_and_eager, 12, timeout=540))
+    assert r0["compiled"]["compiled"] and not r0["eager"]["compiled"]
+    assert_same(r0["compiled"]["params"], r1["compiled"]["params"])
+    assert r0["compiled"]["losses"] == r1["compiled"]["losses"]
+    torch.testing.assert_close(
+        torch.tensor(r0["compiled"]["losses"]),
+        torch.tensor(r0["eager"]["losses"]),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    for name, value in r0["eager"]["params"].items():
+        torch.testing.assert_close(r0["compiled"]["params"][name], value, rtol=1e-5, atol=1e-6)
