@@ -41,6 +41,7 @@ import argparse
 import os
 import platform
 import socket
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -175,7 +176,7 @@ def _rank(
         steppers["plain"] = distsvi_stepper("plain", False, x, batch)
     names = list(steppers)
     blocks = -(-steps // block)
-    times: dict[str, list[float]] = {name: [] for name in names}  # seconds, one per block
+    times: dict[str, list[float]] = {name: [] for name in names}  # s/step, one per block
     for b in range(blocks):
         for name in names[b % len(names) :] + names[: b % len(names)]:
             for _ in range(warmup):
@@ -183,9 +184,9 @@ def _rank(
             t = time.perf_counter()
             for _ in range(block):
                 steppers[name]()
-            times[name].append(time.perf_counter() - t)
+            times[name].append((time.perf_counter() - t) / block)
     if rank == 0:
-        torch.save({name: (block, t) for name, t in times.items()}, out)
+        torch.save(times, out)
     dist.barrier()  # no rank leaves while another still talks to it
     dist.destroy_process_group()
 
@@ -224,8 +225,7 @@ def measure(
             nprocs=world_size,
             start_method="spawn",
         )
-        blocks = torch.load(out)
-    return {name: [t / b for t in ts] for name, (b, ts) in blocks.items()}
+        return torch.load(out)
 
 
 ROWS = [
@@ -237,14 +237,17 @@ ROWS = [
 ]
 
 
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs)
-
-
 def _fifths(xs: list[float]) -> list[float]:
     """Means of the five consecutive parts of ``xs`` (fewer if it is shorter)."""
     k = min(5, len(xs))
-    return [_mean(xs[len(xs) * i // k : len(xs) * (i + 1) // k]) for i in range(k)]
+    return [statistics.fmean(xs[len(xs) * i // k : len(xs) * (i + 1) // k]) for i in range(k)]
+
+
+def _goals(s: dict[tuple[str, int], float]) -> tuple[float, float]:
+    """The world-size-1 overhead and distsvi's 2-rank speed-up over DDP's, from seconds per
+    step; each factor is a ratio of implementations timed side by side."""
+    overhead = s["dp", 1] / s["plain", 1] - 1
+    return overhead, (s["plain", 1] / s["ddp", 1]) * (s["ddp", 2] / s["dp", 2])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -307,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             for impl, per_block in measured.items():
                 times[impl, world_size] = per_block
-        seconds = {key: _mean(ts) for key, ts in times.items()}
+        seconds = {key: statistics.fmean(ts) for key, ts in times.items()}
         for label, impl, world_size in ROWS:
             s = seconds[impl, world_size]
             base = seconds["plain", 1] if impl == "dp" else seconds[impl, 1]
@@ -316,23 +319,17 @@ def main(argv: list[str] | None = None) -> None:
                 f"{world_size * batch / s:>14.0f}{world_size * base / s:>9.2f}x"
             )
         parts = {key: _fifths(ts) for key, ts in times.items()}
-        overhead = seconds["dp", 1] / seconds["plain", 1] - 1
+        overhead, ratio = _goals(seconds)
+        by_part = [
+            _goals({key: p[i] for key, p in parts.items()}) for i in range(len(parts["dp", 1]))
+        ]
         ours = 2 * seconds["plain", 1] / seconds["dp", 2]
         floor = 2 * seconds["ddp", 1] / seconds["ddp", 2]
-        # Each factor is a ratio of implementations timed side by side.
-        ratio = (seconds["plain", 1] / seconds["ddp", 1]) * (seconds["ddp", 2] / seconds["dp", 2])
-        part_overheads = [a / b - 1 for a, b in zip(parts["dp", 1], parts["plain", 1])]
-        part_ratios = [
-            (p1 / d1) * (d2 / q2)
-            for p1, d1, d2, q2 in zip(
-                parts["plain", 1], parts["ddp", 1], parts["ddp", 2], parts["dp", 2]
-            )
-        ]
         summary.append(
             f"batch {batch}: world-size-1 overhead {100 * overhead:+.1f}% (goal <= 5%; by "
-            f"fifths {', '.join(f'{100 * o:+.1f}%' for o in part_overheads)}); 2-rank "
+            f"fifths {', '.join(f'{100 * o:+.1f}%' for o, _ in by_part)}); 2-rank "
             f"speed-up distsvi {ours:.2f}x vs DDP {floor:.2f}x; distsvi/DDP {ratio:.2f} "
-            f"(goal >= 0.95; by fifths {', '.join(f'{r:.2f}' for r in part_ratios)})"
+            f"(goal >= 0.95; by fifths {', '.join(f'{r:.2f}' for _, r in by_part)})"
         )
         print(flush=True)
     print("\n".join(summary))

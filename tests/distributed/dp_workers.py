@@ -117,14 +117,20 @@ def every_loss(group: ProcessGroup, steps: int) -> dict:
         "TraceGraph_ELBO": (m.make_hierarchical, bernoulli_model, None, TraceGraph_ELBO),
     }
     for name, (make, model, auto, loss) in runs.items():
-        pyro.clear_param_store()
-        seed_rank(0, group)
-        x, y = make()
         guide = bernoulli_guide if auto is None else auto(model)
-        dp = DataParallelSVI(SVI(model, guide, Adam({"lr": 0.05}), loss()), group)
-        losses = [dp.step(x, y, batch=16) for _ in range(steps)]
-        out[name] = {"losses": losses, "params": snapshot()}
+        out[name] = fresh_run(group, make, model, guide, loss(), steps, batch=16)[0]
     return out
+
+
+def fresh_run(group, make, model, guide, loss, steps, batch, **svi_kwargs):
+    """``steps`` data-parallel Adam steps from an empty param store and rank-0 seed:
+    ``({"losses", "params"}, the DataParallelSVI, the data)``."""
+    pyro.clear_param_store()
+    seed_rank(0, group)
+    x, y = make()
+    dp = DataParallelSVI(SVI(model, guide, Adam({"lr": 0.05}), loss, **svi_kwargs), group)
+    losses = [dp.step(x, y, batch=batch) for _ in range(steps)]
+    return {"losses": losses, "params": snapshot()}, dp, (x, y)
 
 
 AUTOGUIDES = {
@@ -140,14 +146,11 @@ def every_autoguide(group: ProcessGroup, steps: int) -> dict:
     """Each autoguide on the logistic model (global latents: every guide takes them)."""
     out = {}
     for name, make_guide in AUTOGUIDES.items():
-        pyro.clear_param_store()
-        seed_rank(0, group)
-        x, y = m.make_logistic()
-        svi = SVI(m.logistic_model, make_guide(m.logistic_model), Adam({"lr": 0.05}), Trace_ELBO())
-        dp = DataParallelSVI(svi, group)
-        losses = [dp.step(x, y, batch=32) for _ in range(steps)]
-        full = dp.evaluate_loss(x, y)
-        out[name] = {"losses": losses, "params": snapshot(), "full": full}
+        guide = make_guide(m.logistic_model)
+        run, dp, data = fresh_run(
+            group, m.make_logistic, m.logistic_model, guide, Trace_ELBO(), steps, batch=32
+        )
+        out[name] = {**run, "full": dp.evaluate_loss(*data)}
     return out
 
 
@@ -360,17 +363,15 @@ def compiled_and_eager(group: ProcessGroup, steps: int) -> dict:
     """The same data-parallel run, eager and with ``SVI(compile=True)``."""
     out = {}
     for name, compile_ in (("eager", False), ("compiled", True)):
-        pyro.clear_param_store()
-        seed_rank(0, group)
-        x, y = m.make_logistic()
-        svi = SVI(
+        run, dp, _ = fresh_run(
+            group,
+            m.make_logistic,
             m.logistic_model,
             m.logistic_normal_guide,
-            Adam({"lr": 0.05}),
             Trace_ELBO(),
+            steps,
+            batch=32,
             compile=compile_,
         )
-        dp = DataParallelSVI(svi, group)
-        losses = [dp.step(x, y, batch=32) for _ in range(steps)]
-        out[name] = {"losses": losses, "params": snapshot(), "compiled": svi._compiled is not None}
+        out[name] = {**run, "compiled": dp.svi._compiled is not None}
     return out
