@@ -10,12 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from distsvi.train.config import BUILTIN_DATA, ConfigError, DataConfig, import_target
+from distsvi.train.errors import ConfigError, import_target
+from distsvi.train.names import BUILTIN_DATA
+
+if TYPE_CHECKING:
+    from distsvi.train.config import DataConfig
 
 
 def breast_cancer() -> tuple[Tensor, Tensor]:

@@ -24,7 +24,9 @@ from distsvi.infer import (
     TraceMeanField_ELBO,
     autoguide,
 )
-from distsvi.train.config import AUTOGUIDES, ConfigError, TrainConfig, check_batch, import_target
+from distsvi.train.config import TrainConfig, check_batch
+from distsvi.train.errors import ConfigError, import_target
+from distsvi.train.names import AUTOGUIDES, SCHEDULERS
 from distsvi.train.data import Split, load_data
 from distsvi.train.models import BUILTIN
 
@@ -32,11 +34,6 @@ LOSSES = {
     "Trace_ELBO": Trace_ELBO,
     "TraceMeanField_ELBO": TraceMeanField_ELBO,
     "TraceGraph_ELBO": TraceGraph_ELBO,
-}
-SCHEDULERS = {
-    "exponential": "ExponentialLR",
-    "step": "StepLR",
-    "cosine": "CosineAnnealingLR",
 }
 
 
