@@ -397,6 +397,60 @@ def from_yaml(text: str) -> TrainConfig:
     return OmegaConf.to_object(merged)
 
 
+# Keys that may change between a checkpoint and the job resuming from it: they take
+# effect. Any other change makes the checkpoint inapplicable (another model, guide, data,
+# loss, batch or seed). Optimizer hyper-parameters are safe without a schedule (with one,
+# the saved schedule state pins the rate).
+SAFE_ON_RESUME = (
+    "name",
+    "run.steps",
+    "run.epochs",
+    "run.val_every",
+    "run.log_every",
+    "run.progress",
+    "run.device",
+    "run.threads",
+    "run.max_bad_steps",
+    "optim.clip_norm",
+    "checkpoint.dir",
+    "checkpoint.every",
+    "checkpoint.keep",
+    "checkpoint.resume",
+    "log.dir",
+    "predict.num_samples",
+    "dist.backend",
+    "dist.timeout_s",
+    "dist.bucket_cap_mb",
+    "dist.pin_cpus",
+)
+OPTIM_HYPERPARAMETERS = ("optim.lr", "optim.options", "optim.per_param")
+
+
+def diff_configs(old: TrainConfig, new: TrainConfig) -> tuple[list[tuple], list[tuple]]:
+    """The keys that differ, as ``(key, old value, new value)``: those that make a
+    checkpoint of ``old`` inapplicable to ``new``, and those that are safe to change."""
+    a, b = _flat(old), _flat(new)
+    safe_keys = set(SAFE_ON_RESUME)
+    if new.schedule.name == "none" and old.schedule.name == "none":
+        safe_keys.update(OPTIM_HYPERPARAMETERS)
+    unsafe, safe = [], []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            (safe if key in safe_keys else unsafe).append((key, a.get(key), b.get(key)))
+    return unsafe, safe
+
+
+def _flat(cfg: TrainConfig) -> dict[str, Any]:
+    """``section.key -> value`` (option mappings compared whole)."""
+    out = {}
+    for section, value in OmegaConf.to_container(OmegaConf.structured(cfg)).items():
+        if isinstance(value, dict):
+            out.update({f"{section}.{k}": v for k, v in value.items()})
+        else:
+            out[section] = value
+    return out
+
+
 def _check_sections(raw: dict, schema: type, prefix: str) -> None:
     # OmegaConf reports "section: 3" without a key name, and lets a list through where a
     # mapping of options is declared; catch both here.

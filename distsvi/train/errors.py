@@ -22,6 +22,11 @@ class ConfigError(ValueError):
         self.key = key
 
 
+class RunFailed(RuntimeError):
+    """A run that cannot go on (training diverged, a peer's data differs); the CLI prints
+    its message on one line and exits with code 1."""
+
+
 def require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(key, message)
