@@ -30,8 +30,10 @@ _NAMES = {
     "module": ".primitives",
     "param": ".primitives",
     "plate": ".primitives",
+    "plate_stack": ".primitives",
     "sample": ".primitives",
     "subsample": ".primitives",
+    "validation_enabled": ".primitives",
 }
 
 __all__ = [
@@ -47,10 +49,12 @@ __all__ = [
     "optim",
     "param",
     "plate",
+    "plate_stack",
     "poutine",
     "sample",
     "set_rng_seed",
     "subsample",
+    "validation_enabled",
 ]
 
 

@@ -6,7 +6,8 @@ reads the store); inside handlers it builds one message and runs the stack.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +29,19 @@ def enable_validation(is_validate: bool = True) -> None:
 def is_validation_enabled() -> bool:
     """Whether :func:`enable_validation` left the checks on."""
     return _VALIDATION["enabled"]
+
+
+@contextlib.contextmanager
+def validation_enabled(is_validate: bool = True) -> Iterator[None]:
+    """Turn validation on (or off) inside a ``with`` block; the old setting comes back."""
+    old_ours = _VALIDATION["enabled"]
+    old_torch = torch.distributions.Distribution._validate_args
+    try:
+        enable_validation(is_validate)
+        yield
+    finally:
+        _VALIDATION["enabled"] = old_ours
+        torch.distributions.Distribution.set_default_validate_args(old_torch)
 
 
 def new_message(
@@ -283,23 +297,30 @@ class plate(_PlateFrame):
                     f"plate {name!r}: subsample_size={subsample_size} but len(subsample)="
                     f"{len(subsample)}; give one of them"
                 )
-        if size is None:
-            raise ValueError(f"plate {name!r}: give its size (or subsample= indices)")
+        if size is None and subsample_size is not None:
+            raise ValueError(f"plate {name!r}: subsample_size={subsample_size} needs a size")
         if subsample_size is not None and not 0 < subsample_size:
             raise ValueError(f"plate {name!r}: subsample_size must be > 0, got {subsample_size}")
         self.name = name
-        self.size = int(size)
-        self.subsample_size = int(subsample_size) if subsample_size is not None else self.size
         self._subsample = subsample
+        self._declared = subsample_size
         self._user_dim = dim
         self.dim: int | None = None
         self.device = device
         self._frame: CondIndepStackFrame | None = None
         self._scale = 1.0
         self._subsampled = False
+        if size is None:
+            # No size: the plate only names a batch dim, whatever its size at each site
+            # (Pyro's size -1); there are no indices to draw.
+            self.size = self.subsample_size = -1
+            self.indices: torch.Tensor | None = None
+            return
+        self.size = int(size)
+        self.subsample_size = int(subsample_size) if subsample_size is not None else self.size
         # Drawn once, at construction, as in Pyro: re-entering the same plate object
         # reuses its indices.
-        self.indices: torch.Tensor = self._draw_indices()
+        self.indices = self._draw_indices()
 
     def _draw_indices(self) -> torch.Tensor:
         if _STACK:
@@ -310,6 +331,14 @@ class plate(_PlateFrame):
             msg["scale"] = None  # a handler may set the plate's scale (rank shards do)
             apply_stack(msg)
             idx, scale = msg["value"], msg["scale"]
+            if scale is None and self._declared is not None and len(idx) != self._declared:
+                # The indices came from elsewhere (a guide's plate, replayed): they must be
+                # as many as this plate declares.
+                raise ValueError(
+                    f"plate {self.name!r}: subsample_size does not match len(subsample), "
+                    f"{self._declared} vs {len(idx)}. Did you accidentally use different "
+                    "subsample_size in the model and guide?"
+                )
         elif self._subsample is not None:
             idx, scale = self._subsample, None
         else:
@@ -325,10 +354,11 @@ class plate(_PlateFrame):
             return torch.arange(size, device=self.device)  # no draw: the RNG is untouched
         return torch.randperm(size, device=self.device)[:subsample_size]
 
-    def __enter__(self) -> torch.Tensor:
+    def __enter__(self) -> torch.Tensor | None:
         idx = self.indices
         self.dim = _allocate_dim(self.name, self._user_dim)
-        self._frame = CondIndepStackFrame(self.name, self.dim, len(idx), 0, self.size)
+        n = -1 if idx is None else len(idx)
+        self._frame = CondIndepStackFrame(self.name, self.dim, n, 0, self.size)
         super().__enter__()
         return idx
 
@@ -347,21 +377,34 @@ class plate(_PlateFrame):
     def postprocess_message(self, msg: Message) -> None:
         # A param declared with event_dim inside a subsampled plate has full-size batch
         # dims: hand out only the rows of this subsample (Pyro's rule).
-        if msg["type"] != "param" or msg["kwargs"]["event_dim"] is None:
+        if msg["type"] != "param" or msg["kwargs"]["event_dim"] is None or self.size == -1:
             return
-        if not self._subsampled:
-            return
-        dim = self.dim - msg["kwargs"]["event_dim"]
+        event_dim = msg["kwargs"]["event_dim"]
+        dim = self.dim - event_dim
         value = msg["value"]
-        if value.dim() >= -dim and value.shape[dim] != 1:
-            if value.shape[dim] != self.size:
-                raise ValueError(
-                    f"Inside plate({self.name!r}, {self.size}, dim={self.dim}) param "
-                    f"{msg['name']!r} (event_dim={msg['kwargs']['event_dim']}) has shape "
-                    f"{tuple(value.shape)}; its dim {dim} must have the plate's full size "
-                    f"{self.size}"
-                )
+        if value.dim() < -dim or value.shape[dim] == 1:
+            return  # broadcasts over the plate
+        if value.shape[dim] != self.size and (self._subsampled or is_validation_enabled()):
+            raise ValueError(
+                f"Inside pyro.plate({self.name!r}, {self.size}, dim={self.dim}) invalid shape "
+                f"of pyro.param({msg['name']!r}, ..., event_dim={event_dim}): "
+                f"{tuple(value.shape)}; its dim {dim} must be 1 or the plate's full size "
+                f"{self.size} (or fix event_dim)"
+            )
+        if self._subsampled:
             msg["value"] = value.index_select(dim, self.indices)
+
+
+@contextlib.contextmanager
+def plate_stack(prefix: str, sizes: Sequence[int], rightmost_dim: int = -1) -> Iterator[None]:
+    """Nested plates ``prefix_0, prefix_1, ...`` of the given ``sizes`` (outermost first) at
+    the contiguous dims ``rightmost_dim - len(sizes) + 1 .. rightmost_dim``."""
+    if rightmost_dim >= 0:
+        raise ValueError(f"plate_stack: rightmost_dim must be negative, got {rightmost_dim}")
+    with contextlib.ExitStack() as stack:
+        for i, size in enumerate(reversed(sizes)):
+            stack.enter_context(plate(f"{prefix}_{i}", size, dim=rightmost_dim - i))
+        yield
 
 
 def subsample(data: torch.Tensor, event_dim: int = 0) -> torch.Tensor:

@@ -1,6 +1,17 @@
 """Effect handlers, as in ``pyro.poutine``."""
 
-from .handlers import block, condition, mask, replay, scale, seed, substitute, trace
+from .handlers import (
+    block,
+    condition,
+    get_mask,
+    get_plates,
+    mask,
+    replay,
+    scale,
+    seed,
+    substitute,
+    trace,
+)
 from .runtime import Messenger, am_i_wrapped, apply_stack
 from .trace_struct import Trace
 
@@ -11,6 +22,8 @@ __all__ = [
     "apply_stack",
     "block",
     "condition",
+    "get_mask",
+    "get_plates",
     "mask",
     "replay",
     "scale",

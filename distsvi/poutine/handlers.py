@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .runtime import Message, Messenger
+from .runtime import _STACK, Message, Messenger
 from .trace_struct import Trace
 
 
@@ -55,10 +55,13 @@ class trace(Messenger):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.fn is None:
             return super().__call__(*args, **kwargs)
+        record = not self.param_only  # a params-only trace holds params only, as in Pyro
         with self:
-            self.trace.add_node("_INPUT", name="_INPUT", type="args", args=args, kwargs=kwargs)
+            if record:
+                self.trace.add_node("_INPUT", name="_INPUT", type="args", args=args, kwargs=kwargs)
             ret = self.fn(*args, **kwargs)
-            self.trace.add_node("_RETURN", name="_RETURN", type="return", value=ret)
+            if record:
+                self.trace.add_node("_RETURN", name="_RETURN", type="return", value=ret)
         return ret
 
     def get_trace(self, *args: Any, **kwargs: Any) -> Trace:
@@ -150,17 +153,19 @@ class block(Messenger):
         super().__init__(fn)
         if hide_fn is not None and expose_fn is not None:
             raise ValueError("block takes hide_fn= or expose_fn=, not both")
-        if (hide is not None or hide_types is not None) and (
-            expose is not None or expose_types is not None
-        ):
-            raise ValueError("block takes hide/hide_types or expose/expose_types, not both")
+        if set(hide or ()) & set(expose or ()) or set(hide_types or ()) & set(expose_types or ()):
+            raise ValueError("block: a site name or type is both hidden and exposed")
         if hide_fn is not None:
             self.hide_fn = hide_fn
         elif expose_fn is not None:
             self.hide_fn = lambda msg: not expose_fn(msg)
         else:
+            # Pyro's rule: listing sites to hide exposes the rest, listing sites to expose
+            # hides the rest, and with both lists the rest is hidden.
             if hide is not None or hide_types is not None or expose_all:
                 hide_all = False
+            if expose is not None or expose_types is not None:
+                hide_all = True
             self._hide = set(hide or ())
             self._hide_types = set(hide_types or ())
             self._expose = set(expose or ())
@@ -275,11 +280,33 @@ class mask(Messenger):
         if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
             raise ValueError(f"mask must be a bool tensor, got dtype {mask.dtype}")
         super().__init__(fn)
+        self.given = mask  # what get_mask() reports: a bool stays a bool
         self.mask = torch.tensor(mask) if isinstance(mask, bool) else mask
 
     def process_message(self, msg: Message) -> None:
         if msg["type"] == "sample":
             msg["mask"] = self.mask if msg["mask"] is None else self.mask & msg["mask"]
+
+
+def get_mask() -> bool | torch.Tensor | None:
+    """The combined mask of the enclosing :class:`mask` handlers (``None`` outside any),
+    e.g. to skip an expensive ``factor`` whose log-density would be masked out::
+
+        if poutine.get_mask() is not False:
+            pyro.factor("f", expensive())
+    """
+    result = None
+    for handler in reversed(_STACK):
+        if isinstance(handler, mask):
+            result = handler.given if result is None else handler.given & result
+    return result
+
+
+def get_plates() -> tuple:
+    """The ``CondIndepStackFrame`` of each enclosing plate, outermost first."""
+    return tuple(
+        frame for handler in _STACK if (frame := getattr(handler, "_frame", None)) is not None
+    )
 
 
 class seed(Messenger):

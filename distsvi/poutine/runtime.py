@@ -16,6 +16,9 @@ it and change it:
 
 from __future__ import annotations
 
+import copy
+import functools
+import types
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypedDict
 
@@ -101,16 +104,29 @@ class Messenger:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.fn is None:
-            # ``handler()(fn)`` style: the first call provides the function.
+            # ``handler(...)(fn)`` style: each function decorated gets a wrapper of its own,
+            # so one handler object can decorate several functions (as in Pyro).
             if len(args) == 1 and callable(args[0]) and not kwargs:
-                self.fn = args[0]
-                return self
+                return self._wrap(args[0])
             raise ValueError(
                 f"{type(self).__name__} was called with no function to wrap; pass it, "
                 f"{type(self).__name__}(fn, ...), or use the handler as a context manager"
             )
         with self:
             return self.fn(*args, **kwargs)
+
+    def _wrap(self, fn: Callable) -> Messenger:
+        wrapper = copy.copy(self)
+        wrapper.fn = fn
+        functools.update_wrapper(wrapper, fn, updated=())
+        return wrapper
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        # A handler decorating a method binds like a function: ``obj.method(x)`` runs
+        # ``fn(obj, x)`` inside the handler.
+        if obj is None or self.fn is None:
+            return self
+        return self._wrap(types.MethodType(self.fn, obj))
 
     def process_message(self, msg: Message) -> None:
         pass

@@ -69,6 +69,11 @@ class Trace:
     def __init__(self, graph_type: str = "flat") -> None:
         self.nodes: OrderedDict[str, dict] = OrderedDict()
         self.graph_type = graph_type
+        # Edges exist only when asked for (add_edge, or a "dense" graph on first query), so
+        # recording a site costs no more than its record.
+        self._succ: dict[str, set[str]] = {}
+        self._pred: dict[str, set[str]] = {}
+        self._dense_done = False
 
     def __contains__(self, name: str) -> bool:
         return name in self.nodes
@@ -96,10 +101,83 @@ class Trace:
         self.nodes[site_name] = kwargs
 
     def copy(self) -> Trace:
-        """A new trace with a shallow copy of each site."""
+        """A new trace with a shallow copy of each site (and the same edges)."""
         new = Trace(self.graph_type)
         new.nodes = OrderedDict((k, dict(v)) for k, v in self.nodes.items())
+        new._succ = {k: set(v) for k, v in self._succ.items()}
+        new._pred = {k: set(v) for k, v in self._pred.items()}
+        new._dense_done = self._dense_done
         return new
+
+    # the dependency graph -------------------------------------------------------------
+    def _graph(self) -> None:
+        """Fill in a dense graph's edges the first time they are read."""
+        if self.graph_type != "dense" or self._dense_done:
+            return
+        self._dense_done = True
+        samples = [(n, s) for n, s in self.nodes.items() if s["type"] == "sample"]
+        for i, (name, site) in enumerate(samples):
+            for past, past_site in samples[:i]:
+                # another iteration of a shared sequential plate: independent
+                if not any(
+                    a.name == b.name and a.counter != b.counter
+                    for a, b in zip(site["cond_indep_stack"], past_site["cond_indep_stack"])
+                ):
+                    self.add_edge(past, name)
+
+    def add_edge(self, site1: str, site2: str) -> None:
+        """Record that ``site2`` depends on ``site1`` (a missing site gets an empty record)."""
+        for site in (site1, site2):
+            if site not in self.nodes:
+                self.nodes[site] = {"name": site, "type": None}
+        self._succ.setdefault(site1, set()).add(site2)
+        self._pred.setdefault(site2, set()).add(site1)
+
+    def remove_node(self, site_name: str) -> None:
+        """Delete a site and its edges."""
+        self._graph()
+        del self.nodes[site_name]
+        for p in self._pred.pop(site_name, ()):
+            self._succ[p].discard(site_name)
+        for s in self._succ.pop(site_name, ()):
+            self._pred[s].discard(site_name)
+
+    def predecessors(self, site_name: str) -> set[str]:
+        self._graph()
+        return self._pred.setdefault(site_name, set())
+
+    def successors(self, site_name: str) -> set[str]:
+        self._graph()
+        return self._succ.setdefault(site_name, set())
+
+    @property
+    def edges(self) -> Iterator[tuple[str, str]]:
+        self._graph()
+        for site in self.nodes:
+            for succ in self._succ.get(site, ()):
+                yield site, succ
+
+    def topological_sort(self, reverse: bool = False) -> list[str]:
+        """The site names with every site after the sites it depends on (Pyro's order:
+        a depth-first post-order over the sites in execution order, reversed)."""
+        self._graph()
+        done: set[str] = set()
+        order: list[str] = []
+        for root in self.nodes:
+            if root in done:
+                continue
+            stack = [(root, iter(self._succ.get(root, ())))]
+            while stack:
+                site, children = stack[-1]
+                child = next((c for c in children if c not in done), None)
+                if child is None:
+                    stack.pop()
+                    if site not in done:
+                        done.add(site)
+                        order.append(site)
+                elif all(child != s for s, _ in stack):
+                    stack.append((child, iter(self._succ.get(child, ()))))
+        return order if reverse else order[::-1]
 
     def detach_(self) -> None:
         """Detach every sample site's value from the autograd graph, in place."""
@@ -171,17 +249,39 @@ class Trace:
             if site["type"] == "sample" and not site["is_observed"]:
                 yield name, site
 
-    def format_shapes(self) -> str:
-        """A table of each sample site's batch and event shape, for debugging a model."""
-        rows = []
+    def format_shapes(self, title: str = "Trace Shapes:", last_site: str | None = None) -> str:
+        """A table of the shapes at each site (params; sample sites' distribution batch |
+        event shape, value and log_prob), in Pyro's layout, up to ``last_site``."""
+        if not self.nodes:
+            return title
+        rows: list[tuple[list[str], list[str], list[str]]] = [([title], [], [])]
+
+        def split(shape, event_dim):
+            shape = [str(n) for n in shape]
+            cut = len(shape) - event_dim
+            return shape[:cut], shape[cut:]
+
+        rows.append((["Param Sites:"], [], []))
+        for name, site in self.nodes.items():
+            if site["type"] == "param":
+                rows.append(([name], [str(n) for n in site["value"].shape], []))
+            if name == last_site:
+                break
+        rows.append((["Sample Sites:"], [], []))
         for name, site in self.nodes.items():
             if site["type"] == "sample":
                 fn = site["fn"]
-                rows.append(
-                    f"  {name}: batch {tuple(fn.batch_shape)} event {tuple(fn.event_shape)}"
-                )
-        return "\n".join(rows)
-
+                batch = [str(n) for n in getattr(fn, "batch_shape", ())]
+                event = [str(n) for n in getattr(fn, "event_shape", ())]
+                rows.append(([name + " dist"], batch + ["|"], event))
+                v_batch, v_event = split(getattr(site["value"], "shape", ()), len(event))
+                rows.append((["value"], v_batch + ["|"], v_event))
+                if "log_prob" in site:
+                    lp = [str(n) for n in getattr(site["log_prob"], "shape", ())]
+                    rows.append((["log_prob"], lp + ["|"], []))
+            if name == last_site:
+                break
+        return _table(rows)
 
 def plate_nesting(*traces: Trace) -> int:
     """How many vectorized plate dims the sample sites of ``traces`` reach (Pyro's guess of
@@ -223,3 +323,18 @@ def check_site_shape(site: dict, max_plate_nesting: float) -> None:
                 "`with plate(...)` context, `.to_event(...)` the distribution, or check that "
                 "the observation has the plate's (sub)sample size."
             )
+
+
+def _table(rows: list[tuple[list[str], list[str], list[str]]]) -> str:
+    """Three groups of cells per row: the first two right-aligned, the last left-aligned,
+    every column as wide as its widest cell."""
+    widths = [max(len(row[g]) for row in rows) for g in range(3)]
+    grid = []
+    for row in rows:
+        cells = []
+        for g, group in enumerate(row):
+            pad = [""] * (widths[g] - len(group))
+            cells += group + pad if g == 2 else pad + group
+        grid.append(cells)
+    col = [max(len(r[j]) for r in grid) for j in range(len(grid[0]))]
+    return "\n".join(" ".join(c.rjust(w) for c, w in zip(r, col)) for r in grid)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .params import _PARAM_STORE
+from ..params import _PARAM_STORE
 
 
 def _key(args: dict) -> tuple:
