@@ -18,7 +18,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("distributions", "infer", "optim", "poutine")
+_SUBMODULES = ("distributions", "infer", "nn", "optim", "poutine", "settings")
 _NAMES = {
     "clear_param_store": ".params",
     "get_param_store": ".params",
@@ -44,12 +44,14 @@ __all__ = [
     "infer",
     "is_validation_enabled",
     "module",
+    "nn",
     "optim",
     "param",
     "plate",
     "poutine",
     "sample",
     "set_rng_seed",
+    "settings",
     "subsample",
 ]
 
