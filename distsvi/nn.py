@@ -39,7 +39,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -178,7 +178,7 @@ def _store_module_param(fullname: str, p: nn.Parameter) -> None:
 
 
 class _PyroModuleMeta(type):
-    _mixins: dict[type, type] = {}
+    _mixins: ClassVar[dict[type, type]] = {}
 
     def __getitem__(cls, Module: type) -> type:
         """``PyroModule[nn.Linear]``: the class ``nn.Linear`` with PyroModule mixed in."""
@@ -396,7 +396,8 @@ class PyroModule(nn.Module, metaclass=_PyroModuleMeta):
             del self._modules[name]
             if used:
                 prefix = self._pyro_fullname(name)
-                for key in [k for k in _PARAM_STORE.keys() if k.startswith(prefix)]:
+                inside = (prefix + ".", prefix + "$$$")
+                for key in [k for k in _PARAM_STORE if k == prefix or k.startswith(inside)]:
                     del _PARAM_STORE[key]
         else:
             super().__delattr__(name)

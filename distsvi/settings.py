@@ -46,7 +46,7 @@ def get(alias: str | None = None) -> Any:
     return value
 
 
-def set(**kwargs: Any) -> None:  # noqa: A001 - Pyro's public name
+def set(**kwargs: Any) -> None:
     """Set one or more settings: ``set(module_local_params=True)``.
 
     Each value is checked by the setting's validator before anything is changed.
