@@ -13,6 +13,16 @@ from ..poutine import handlers as poutine
 GradHook = Callable[[torch.Tensor, dict], "torch.Tensor | None"]
 
 
+def _leaf(name: str, value: torch.Tensor) -> torch.Tensor:
+    """The unconstrained tensor an optimizer updates for param site ``name``."""
+    p = _PARAM_STORE._params.get(name)
+    if p is None:
+        # A param held by a module, not the store (distsvi.nn's module-local params).
+        ref = getattr(value, "unconstrained", None)
+        p = value if ref is None else ref()
+    return p
+
+
 class _Compiled(NamedTuple):
     loss_fn: Callable
     optim_step: Callable | None  # None: the eager optimizer
@@ -103,8 +113,9 @@ class SVI:
             return self._step_compiled(args, kwargs)
         with poutine.trace(param_only=True) as param_capture:
             loss = self.loss_and_grads(self.model, self.guide, *args, **kwargs)
-        store = _PARAM_STORE._params
-        params = {name: store[name] for name in param_capture.trace.nodes}
+        params = {
+            name: _leaf(name, site["value"]) for name, site in param_capture.trace.nodes.items()
+        }
         value = self._apply(loss, params)
         if self._compile_options is not None:
             self._prepare_compiled(params)  # after the step: the optimizer exists now

@@ -24,6 +24,7 @@ from distsvi.infer import (
     TraceMeanField_ELBO,
     autoguide,
 )
+from distsvi.nn import PyroModule
 from distsvi.train.config import TrainConfig, check_batch, check_model_signature
 from distsvi.train.data import Split, load_data
 from distsvi.train.errors import ConfigError, RunFailed, first_line, import_target
@@ -193,16 +194,23 @@ def build_model(cfg: TrainConfig) -> tuple[Any, Callable]:
             obj = target(**cfg.model.options)
         except TypeError as e:
             raise ConfigError("model.options", f"{cfg.model.name}: {e}") from None
-        if not callable(getattr(obj, "model", None)):
-            raise ConfigError("model.name", f"{cfg.model.name} has no model method")
-        return obj, obj.model
+        if callable(getattr(obj, "model", None)):
+            return obj, obj.model
+        if isinstance(obj, PyroModule):
+            return obj, obj  # its forward is the model
+        raise ConfigError(
+            "model.name",
+            f"{cfg.model.name} has no model method; give it one, or make it a "
+            "distsvi.nn.PyroModule whose forward is the model",
+        )
     if not callable(target):
         raise ConfigError("model.name", f"{cfg.model.name} is not callable")
     return target, target
 
 
 def build_guide(cfg: TrainConfig, model_obj: Any, model: Callable) -> Callable:
-    """An autoguide of ``model``, the model class's own ``guide``, or the user's function."""
+    """An autoguide of ``model``, the model class's own ``guide``, the user's function, or
+    the user's PyroModule class (built with ``guide.options``)."""
     name = cfg.guide.name
     if name in AUTOGUIDES:
         try:
@@ -214,6 +222,11 @@ def build_guide(cfg: TrainConfig, model_obj: Any, model: Callable) -> Callable:
             raise ConfigError("guide.name", f"'model' needs a guide method on {cfg.model.name}")
         return model_obj.guide
     _, guide = import_target(name, "guide.name")
+    if isinstance(guide, type) and issubclass(guide, PyroModule):
+        try:
+            return guide(**cfg.guide.options)
+        except TypeError as e:
+            raise ConfigError("guide.options", f"{name}: {e}") from None
     return guide
 
 
@@ -255,6 +268,8 @@ def build_job(cfg: TrainConfig, group: distributed.ProcessGroup) -> Job:
     if isinstance(model_obj, torch.nn.Module):
         model_obj.to(group.device)
     guide = build_guide(cfg, model_obj, model)
+    if isinstance(guide, torch.nn.Module) and guide is not model_obj:
+        guide.to(group.device)
     loss_cfg = cfg.loss
     loss = LOSSES[loss_cfg.name](
         num_particles=loss_cfg.num_particles,
