@@ -104,6 +104,32 @@ def init_to_value(
     return fallback(site)
 
 
+class _InitToGenerated:
+    """Calls ``generate()`` for a fresh strategy at the start of each model run (a run
+    starts when a site name comes round again)."""
+
+    def __init__(self, generate: Callable[[], InitFn]) -> None:
+        self.generate = generate
+        self._init: InitFn | None = None
+        self._seen: set = set()
+
+    def __call__(self, site: dict) -> torch.Tensor:
+        if self._init is None or site["name"] in self._seen:
+            self._init = self.generate()
+            self._seen = set()
+        self._seen.add(site["name"])
+        return self._init(site)
+
+
+def init_to_generated(
+    site: dict | None = None, generate: Callable[[], InitFn] = lambda: init_to_uniform
+) -> torch.Tensor | InitFn:
+    """The strategy returned by ``generate()``, called once per run of the model (e.g. an
+    ``init_to_value`` of freshly drawn values, so that each run starts elsewhere)."""
+    init = _InitToGenerated(generate)
+    return init if site is None else init(site)
+
+
 class InitMessenger(Messenger):
     """Set every latent sample site's value by ``init_fn`` instead of sampling it."""
 
@@ -143,6 +169,7 @@ class InitMessenger(Messenger):
 __all__ = [
     "InitMessenger",
     "init_to_feasible",
+    "init_to_generated",
     "init_to_mean",
     "init_to_median",
     "init_to_sample",
