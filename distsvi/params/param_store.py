@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.distributions import transform_to
 
-from . import constraints
+from .. import constraints
 
 
 def _spec(c: constraints.Constraint) -> str:
