@@ -274,3 +274,13 @@ def clear_param_store() -> None:
 def param_with_module_name(module_name: str, param_name: str) -> str:
     """The store name of a module's param, as Pyro spells it."""
     return f"{module_name}$$${param_name}"
+
+
+def module_from_param_with_module_name(param_name: str) -> str:
+    """The module part of a store name ``module$$$param``."""
+    return param_name.split("$$$")[0]
+
+
+def user_param_name(param_name: str) -> str:
+    """The param part of a store name ``module$$$param`` (the name itself without one)."""
+    return param_name.split("$$$")[1] if "$$$" in param_name else param_name
