@@ -18,7 +18,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("distributions", "infer", "optim", "poutine")
+_SUBMODULES = ("distributions", "infer", "nn", "optim", "poutine", "settings")
 _NAMES = {
     "clear_param_store": ".params",
     "get_param_store": ".params",
@@ -46,6 +46,7 @@ __all__ = [
     "infer",
     "is_validation_enabled",
     "module",
+    "nn",
     "optim",
     "param",
     "plate",
@@ -53,6 +54,7 @@ __all__ = [
     "poutine",
     "sample",
     "set_rng_seed",
+    "settings",
     "subsample",
     "validation_enabled",
 ]

@@ -17,17 +17,22 @@ Then::
     distsvi config configs/quickstart.yaml run.steps=10     # print the resolved config
 
 A config that cannot run (unknown key, wrong type, value out of range, missing model
-file) exits with code 2 and one message naming the key, before anything starts.
+file) exits with code 2 and one message naming the key, before anything starts. A run
+that fails (the model raises, training diverges) exits with code 1 after one message,
+tagged with the rank under torchrun; no rank waits for a failed peer.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from distsvi.train.config import ConfigError, TrainConfig, load_config, to_yaml
+from distsvi.train.config import TrainConfig, load_config, to_yaml
+from distsvi.train.errors import ConfigError, RunFailed, first_line
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -98,7 +103,8 @@ def run(args: argparse.Namespace, cfg: TrainConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``distsvi``; returns the exit code (2 for a config that cannot run)."""
+    """Entry point of ``distsvi``; returns the exit code: 0, 2 for a config (or file) that
+    cannot run, 1 for a run that failed."""
     parser = get_args_parser()
     # Overrides may also follow the options (eval CONFIG --checkpoint PATH KEY=VALUE).
     args, extra = parser.parse_known_args(argv)
@@ -106,12 +112,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*args.overrides, *extra]
+    # Under torchrun, every rank says who it is: its message is the job's root cause.
+    elastic = "TORCHELASTIC_RUN_ID" in os.environ
+    tag = f"rank {os.environ.get('RANK', '?')}: " if elastic else ""
     try:
         cfg = config_from_args(args)
+        if elastic and args.command != "config":
+            _join_launcher()
         return run(args, cfg)
-    except ConfigError as e:
-        print(f"distsvi: {e}", file=sys.stderr)
-        return 2
+    except (ConfigError, RunFailed) as e:
+        _fail(f"{tag}{e}", e, elastic)
+        return 2 if isinstance(e, ConfigError) else 1
+    except Exception as e:  # noqa: BLE001 - a failure ends this rank at once, in one message
+        if elastic and _peer_failed(e):
+            # Not the root cause: another rank died and closed its connections.
+            print(f"distsvi: {tag}stopping: another rank failed", file=sys.stderr, flush=True)
+            return 1
+        traceback.print_exc()  # the user's model or loader raised: show where
+        _fail(f"{tag}{type(e).__name__}: {first_line(e)}", e, elastic)
+        return 1
+
+
+def _join_launcher() -> None:
+    """Die with torchrun, and report errors the way it reads them (its error file)."""
+    from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+    from distsvi.train.process import die_with_parent
+
+    die_with_parent()
+    get_error_handler().initialize()
+
+
+def _fail(message: str, e: BaseException, elastic: bool) -> None:
+    print(f"distsvi: {message}", file=sys.stderr, flush=True)
+    if elastic:  # torchrun names this rank's error as the root cause of the job's failure
+        from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+        get_error_handler().record_exception(e)
+
+
+def _peer_failed(e: BaseException) -> bool:
+    """A collective failed because another rank died (Gloo sees its connection close)."""
+    text = str(e)
+    return any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    )
 
 
 if __name__ == "__main__":

@@ -13,9 +13,11 @@ from typing import Any, ClassVar
 
 import torch
 import torch.distributions as _td
-from torch.distributions import constraints, register_kl
+from torch.distributions import register_kl
 from torch.distributions import kl_divergence as _torch_kl
 from torch.distributions.utils import broadcast_all
+
+from . import constraints  # torch's constraints plus Pyro's softplus_positive, ...
 
 __all__ = ["Delta", "DistributionMixin", "MaskedDistribution", "constraints", "kl_divergence"]
 
@@ -174,12 +176,16 @@ class Delta(_td.Distribution, DistributionMixin):
         return Delta(v, self.log_density.expand(batch_shape), len(self.event_shape))
 
     def rsample(self, sample_shape: torch.Size = _NO_SHAPE) -> torch.Tensor:
+        if not sample_shape:
+            return self.v  # the point itself, so that log_prob can skip the comparison
         return self.v.expand(torch.Size(sample_shape) + self.v.shape)
 
     def sample(self, sample_shape: torch.Size = _NO_SHAPE) -> torch.Tensor:
         return self.rsample(sample_shape).detach()
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        if x is self.v:  # scoring its own draw (the usual case): log 1 + log_density
+            return self.log_density
         v = self.v.expand(torch.broadcast_shapes(self.v.shape, x.shape))
         lp = (x == v).to(v.dtype).log()
         if self.event_shape:

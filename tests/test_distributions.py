@@ -15,8 +15,19 @@ from distsvi.infer import SVI, Trace_ELBO
 from distsvi.optim import Adam
 
 
-def test_constraints_is_torchs():
-    assert dist.constraints is torch.distributions.constraints
+def test_constraints_are_torchs_plus_pyros_softplus_ones():
+    for name in torch.distributions.constraints.__all__:
+        assert getattr(dist.constraints, name) is getattr(torch.distributions.constraints, name)
+    c = dist.constraints.softplus_positive
+    x = torch.tensor([-30.0, 0.0, 3.0, 30.0])
+    t = torch.distributions.transform_to(c)
+    assert torch.allclose(t(x), torch.nn.functional.softplus(x))
+    assert torch.allclose(t.inv(t(x[1:])), x[1:])
+    assert torch.distributions.biject_to(c) == t
+    m = torch.randn(3, 3)
+    L = torch.distributions.transform_to(dist.constraints.unit_lower_cholesky)(m)
+    assert dist.constraints.unit_lower_cholesky.check(L)
+    assert not dist.constraints.unit_lower_cholesky.check(m)
 
 
 def test_every_torch_distribution_class_is_exported():

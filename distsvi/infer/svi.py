@@ -13,11 +13,24 @@ from ..poutine import handlers as poutine
 GradHook = Callable[[torch.Tensor, dict], "torch.Tensor | None"]
 
 
+def _leaf(name: str, value: torch.Tensor) -> torch.Tensor:
+    """The unconstrained tensor an optimizer updates for param site ``name``."""
+    p = _PARAM_STORE._params.get(name)
+    if p is None:
+        # A param held by a module, not the store (distsvi.nn's module-local params).
+        ref = getattr(value, "unconstrained", None)
+        p = value if ref is None else ref()
+    return p
+
+
 class _Compiled(NamedTuple):
     loss_fn: Callable
     optim_step: Callable | None  # None: the eager optimizer
     params: dict[str, torch.Tensor]
-    store_size: int  # a different size means new params: step eagerly and recompile
+    # The param store's version when compiled (see ParamStore.version): any other version
+    # means params were created, replaced or loaded since, so step eagerly and recompile.
+    store_version: int
+    known: frozenset  # the store's names then
 
 
 class SVI:
@@ -104,14 +117,15 @@ class SVI:
     def step(self, *args: Any, **kwargs: Any) -> float:
         """Take one optimizer step on the loss; return the loss estimate (a float)."""
         compiled = self._compiled
-        if compiled is not None and len(_PARAM_STORE) == compiled.store_size:
+        if compiled is not None and _PARAM_STORE.version == compiled.store_version:
             return self._step_compiled(args, kwargs)
         with poutine.trace(param_only=True) as param_capture:
             loss = self.loss_and_grads(self.model, self.guide, *args, **kwargs)
         if not isinstance(loss, torch.Tensor):  # a custom loss_and_grads returning a float
             loss = torch.tensor(loss)
-        store = _PARAM_STORE._params
-        params = {name: store[name] for name in param_capture.trace.nodes}
+        params = {
+            name: _leaf(name, site["value"]) for name, site in param_capture.trace.nodes.items()
+        }
         value = self._apply(loss, params)
         if self._compile_options is not None:
             self._prepare_compiled(params)  # after the step: the optimizer exists now
@@ -146,10 +160,12 @@ class SVI:
             # lr is a float in the param group: a scheduler would force a recompile per change.
             compiled_opt = torch.compile(optimizer.step, **self._compile_options)
             optim_step = lambda _params: compiled_opt()
-        self._compiled = _Compiled(loss_fn, optim_step, dict(params), len(_PARAM_STORE))
+        self._compiled = _Compiled(
+            loss_fn, optim_step, dict(params), _PARAM_STORE.version, frozenset(_PARAM_STORE.keys())
+        )
 
     def _step_compiled(self, args: tuple, kwargs: dict) -> float:
-        loss_fn, optim_step, params, store_size = self._compiled
+        loss_fn, optim_step, params, store_version, known = self._compiled
         dist_cls = torch.distributions.Distribution
         validate = dist_cls._validate_args
         # The model was checked on the eager step; value checks would break the graph.
@@ -159,11 +175,11 @@ class SVI:
         finally:
             dist_cls.set_default_validate_args(validate)
         loss.backward()
-        if len(_PARAM_STORE) != store_size:
+        if _PARAM_STORE.version != store_version:
             # A param was born inside this call: it steps now, as on the eager path, through
             # the eager optimizer (the compiled one does not hold it); the next step recompiles.
             store = _PARAM_STORE._params
-            params = {**params, **{name: store[name] for name in list(store)[store_size:]}}
+            params = {**params, **{name: p for name, p in store.items() if name not in known}}
             optim_step = None
         return self._apply(loss.detach(), params, optim_step)
 

@@ -14,11 +14,16 @@ from collections.abc import Callable, Iterator, KeysView
 from typing import Any
 
 import torch
-from torch.distributions import constraints, transform_to
+from torch.distributions import transform_to
+
+from .. import constraints
 
 
 def _spec(c: constraints.Constraint) -> str:
     """A constraint as a string that survives ``torch.load(weights_only=True)``."""
+    for name, extra in constraints.EXTRA.items():  # before greater_than: softplus_positive is one
+        if c is extra:
+            return name
     if isinstance(c, constraints.independent):
         return f"independent({_spec(c.base_constraint)},{c.reinterpreted_batch_ndims})"
     for attr in ("lower_bound", "upper_bound"):
@@ -67,9 +72,16 @@ def _check_init(name: str, value: torch.Tensor, constraint: constraints.Constrai
 
 
 class ParamStore:
-    """A dict of named params: ``name -> unconstrained leaf tensor`` plus its constraint."""
+    """A dict of named params: ``name -> unconstrained leaf tensor`` plus its constraint.
+
+    ``version`` counts the changes to which tensors the store holds: it goes up whenever a
+    param is created, replaced, deleted or loaded, or the store is cleared, and never when
+    an optimizer updates a param in place. Code that caches the store's tensors (the
+    compiled SVI step) compares it to the version it saw to know when to look again.
+    """
 
     def __init__(self) -> None:
+        self.version = 0
         self._params: dict[str, torch.Tensor] = {}
         self._constraints: dict[str, constraints.Constraint] = {}
         self._transforms: dict[str, Any] = {}
@@ -79,6 +91,7 @@ class ParamStore:
 
     # dict-like access -------------------------------------------------------------
     def clear(self) -> None:
+        self.version += 1
         self._params.clear()
         self._constraints.clear()
         self._transforms.clear()
@@ -122,6 +135,7 @@ class ParamStore:
         self._set(name, value, constraint)
 
     def __delitem__(self, name: str) -> None:
+        self.version += 1
         del self._params[name]
         del self._constraints[name]
         del self._transforms[name]
@@ -142,6 +156,7 @@ class ParamStore:
         ):
             unconstrained = unconstrained.detach().clone(memory_format=torch.contiguous_format)
         unconstrained.requires_grad_(True)
+        self.version += 1
         self._params[name] = unconstrained
         self._constraints[name] = constraint
         self._transforms[name] = transform
@@ -200,6 +215,7 @@ class ParamStore:
 
     def set_state(self, state: dict) -> None:
         """Load a state from :meth:`get_state` or :meth:`state_dict` (replaces same names)."""
+        self.version += 1
         for name, unconstrained in state["params"].items():
             c = state["constraints"][name]
             c = _from_spec(c) if isinstance(c, str) else c

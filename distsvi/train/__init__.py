@@ -14,7 +14,7 @@ from typing import Any
 
 # The config loads without torch, so a bad config is refused at once; the loop loads on use.
 _NAMES = {
-    "ConfigError": "distsvi.train.config",
+    "ConfigError": "distsvi.train.errors",
     "TrainConfig": "distsvi.train.config",
     "load_config": "distsvi.train.config",
     "evaluate": "distsvi.train.loop",

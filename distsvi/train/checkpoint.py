@@ -19,6 +19,7 @@ so it loads with ``torch.load(weights_only=True)`` (no pickled code runs on load
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import warnings
 from pathlib import Path
@@ -30,7 +31,8 @@ import torch.distributed as torch_dist
 import distsvi
 from distsvi import distributed
 from distsvi.distributed.data import rank_seed
-from distsvi.train.config import to_yaml
+from distsvi.train.config import TrainConfig, diff_configs, from_yaml, to_yaml
+from distsvi.train.errors import ConfigError, first_line
 from distsvi.train.job import Job, cuda_devices
 
 FORMAT = 1
@@ -65,42 +67,77 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def save_atomic(obj: dict[str, Any], path: Path) -> None:
-    """Write ``obj`` to ``path`` so that readers see the old file or the new one, never half."""
+def _write_atomic(path: Path, mode: str, write: Any) -> None:
+    """Write through ``write(file)`` so that readers see the old file or the new one, never
+    half; a failed write (a full disk) removes its temporary file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
+
+
+def save_atomic(obj: dict[str, Any], path: Path) -> None:
+    """Write ``obj`` to ``path`` atomically (temporary file, fsync, rename)."""
+    _write_atomic(path, "wb", lambda f: torch.save(obj, f))
 
 
 def write_text_atomic(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    _write_atomic(path, "w", lambda f: f.write(text))
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint file that cannot be used: ``key`` is its path."""
+
+    def __init__(self, path: str | Path, message: str) -> None:
+        ValueError.__init__(self, f"checkpoint {path} {message}")
+        self.key, self.message = str(path), message
 
 
 def load(path: str | Path) -> dict[str, Any]:
     """Load and check one checkpoint file.
 
-    :raises ValueError: when it does not load or lacks a key (naming the file).
+    :raises CheckpointError: naming the file and what is wrong with it.
     """
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise CheckpointError(path, "is empty (a save was interrupted?)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a damaged file can fail in many ways; all mean "skip it"
-        raise ValueError(f"checkpoint {path} does not load: {type(e).__name__}: {e}") from None
+    except pickle.UnpicklingError as e:
+        # torch's text suggests weights_only=False, i.e. running the file's code: never.
+        what = (
+            "is truncated"
+            if "truncated" in str(e) or "EOF" in str(e)
+            else (
+                "is not a distsvi checkpoint: it holds Python objects other than tensors and "
+                "plain containers, which are never loaded"
+            )
+        )
+        raise CheckpointError(path, what) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        text = str(e)
+        what = (
+            "is truncated or damaged (not a complete torch file)"
+            if any(w in text for w in ("zip", "archive", "EOF", "truncated", "magic"))
+            or isinstance(e, EOFError)
+            else f"does not load ({type(e).__name__}: {first_line(e)})"
+        )
+        raise CheckpointError(path, what) from None
+    except Exception as e:  # noqa: BLE001 - a damaged file can fail in many ways
+        raise CheckpointError(path, f"does not load ({type(e).__name__})") from None
     missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
     if missing:
-        raise ValueError(f"checkpoint {path} lacks {', '.join(missing)}")
+        raise CheckpointError(path, f"is not a distsvi checkpoint (it lacks {', '.join(missing)})")
     if state["format"] != FORMAT:
-        raise ValueError(
-            f"checkpoint {path} has format {state['format']}, this version reads {FORMAT}"
+        raise CheckpointError(
+            path, f"has format {state['format']}, this version of distsvi reads {FORMAT}"
         )
     return state
 
@@ -146,11 +183,17 @@ class Checkpointer:
         for path in self.files():
             try:
                 return load(path), path
-            except ValueError as e:
+            except CheckpointError as e:
                 warnings.warn(
                     f"skipping bad checkpoint {path}: {e}", CheckpointWarning, stacklevel=2
                 )
         return None
+
+    def remove_stale_tmp(self) -> None:
+        """Remove temporary files that a writer killed mid-save left behind."""
+        if self.is_writer and self.dir.is_dir():
+            for tmp in self.dir.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
 
 
 # -- a job's state -------------------------------------------------------------------
@@ -202,11 +245,23 @@ def _materialize_params(job: Job) -> None:
         )
 
 
-def load_params(job: Job, state: dict[str, Any]) -> None:
-    """Copy a checkpoint's params and buffers into the store (in place, so modules see them)."""
+def load_params(job: Job, state: dict[str, Any], path: Path) -> None:
+    """Copy a checkpoint's params and buffers into the store (in place, so modules see them).
+
+    :raises CheckpointError: when a param's shape does not fit this config's model.
+    """
     _materialize_params(job)
     store = distsvi.get_param_store()
     unconstrained = dict(store.named_parameters())
+    for name, value in state["params"].items():
+        own = unconstrained.get(name)
+        if own is not None and own.shape != value.shape:
+            raise CheckpointError(
+                path,
+                f"does not fit this config: param {name!r} is {tuple(value.shape)} in the "
+                f"checkpoint and {tuple(own.shape)} here (another model or data?); start "
+                "afresh with checkpoint.resume=never or a new checkpoint.dir",
+            )
     missing = {}
     with torch.no_grad():
         for name, value in state["params"].items():
@@ -228,13 +283,18 @@ def read_checkpoint(job: Job, ckpt: Checkpointer | None, resume: str) -> tuple[d
     """Rank 0 picks and reads the checkpoint (``auto``: the newest in ``ckpt`` that loads;
     or the path ``resume``) and sends it to the others, so every rank resumes from the same
     one and nodes need no shared file system to read it."""
-    found = None
+    found: Any = None
     if job.group.is_main and resume != "never":
-        found = ckpt.latest() if resume == "auto" else (load(resume), Path(resume))
+        try:
+            found = ckpt.latest() if resume == "auto" else (load(resume), Path(resume))
+        except CheckpointError as e:
+            found = e  # every rank raises it, none waits for the others
     if job.group.is_distributed:
         box = [found]
         torch_dist.broadcast_object_list(box, src=0)
         found = box[0]
+    if isinstance(found, CheckpointError):
+        raise CheckpointError(found.key, found.message)
     return found
 
 
@@ -246,8 +306,12 @@ def restore(job: Job, ckpt: Checkpointer) -> int:
     if found is None:
         return 0
     state, path = found
-    load_params(job, state)
-    job.optim.set_state(state["optim"])
+    changed = compare_configs(state, path, cfg, group.is_main)
+    load_params(job, state, path)
+    optim_state = state["optim"]
+    if any(k.startswith("optim.") for k in changed):
+        optim_state = _without_hyperparameters(optim_state)
+    job.optim.set_state(optim_state)
     job.load_data_state(state["data_position"])
     job.monitor.skipped = int(state["skipped_steps"])
     if state["world_size"] == group.world_size:
@@ -256,11 +320,48 @@ def restore(job: Job, ckpt: Checkpointer) -> int:
         if "cuda" in state["rng"] and group.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"][group.rank].clone(), group.device)
     else:
-        warnings.warn(
-            f"{path} was written by {state['world_size']} ranks, this job has {group.world_size}: "
-            "the random streams restart from the seed, so the run will not repeat the original exactly"
-        )
+        if group.is_main:
+            warnings.warn(
+                f"{path} was written by {state['world_size']} ranks, this job has "
+                f"{group.world_size}: the random streams restart from the seed, so the run "
+                "will not repeat the original exactly",
+                stacklevel=2,
+            )
         distsvi.set_rng_seed(rank_seed(cfg.run.seed + int(state["step"]), group.rank))
     if group.is_main:
         print(f"resuming from {path} at step {state['step']}", flush=True)
     return int(state["step"])
+
+
+def compare_configs(
+    state: dict[str, Any], path: Path, cfg: TrainConfig, announce: bool
+) -> list[str]:
+    """Compare the checkpoint's resolved config with this job's.
+
+    :returns: the dotted keys that changed safely (they take effect; announced in one line).
+    :raises CheckpointError: when a key that makes the checkpoint inapplicable changed.
+    """
+    try:
+        saved = from_yaml(state["config"])
+    except Exception:  # noqa: BLE001 - a config this version cannot read: compare nothing
+        return []
+    unsafe, safe = diff_configs(saved, cfg)
+    if unsafe:
+        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in unsafe)
+        raise CheckpointError(
+            path,
+            f"was trained with another config ({shown}), so it cannot be resumed; start "
+            "afresh with checkpoint.resume=never, or give this job a new checkpoint.dir",
+        )
+    if safe and announce:
+        shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in safe)
+        print(f"resuming with changed settings: {shown}", flush=True)
+    return [k for k, _, _ in safe]
+
+
+def _without_hyperparameters(optim_state: dict[str, Any]) -> dict[str, Any]:
+    """Optimizer state whose saved hyper-parameters (lr, betas, ...) give way to the
+    config's: moments and step counts are kept."""
+    if "params" in optim_state and "cohorts" in optim_state:  # a scheduler's
+        return {**optim_state, "params": _without_hyperparameters(optim_state["params"])}
+    return {name: {**entry, "group": {}} for name, entry in optim_state.items()}

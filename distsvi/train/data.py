@@ -8,14 +8,22 @@ A user loader (``data.name: my_data.py:load``) returns such a tuple.
 
 from __future__ import annotations
 
+import contextlib
+import random
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from distsvi.train.config import BUILTIN_DATA, ConfigError, DataConfig, import_target
+from distsvi.train.errors import ConfigError, first_line, import_target
+from distsvi.train.names import BUILTIN_DATA
+
+if TYPE_CHECKING:
+    from distsvi.train.config import DataConfig
 
 
 def breast_cancer() -> tuple[Tensor, Tensor]:
@@ -89,18 +97,36 @@ class Split:
         return self.val[0].shape[0]
 
 
-def load_data(cfg: DataConfig, base_dir: Path = Path(".")) -> Split:
-    """Load the dataset, check it is a tuple of row-aligned tensors, split off validation."""
+def load_data(
+    cfg: DataConfig, base_dir: Path = Path("."), seed_devices: Sequence[int] = ()
+) -> Split:
+    """Load the dataset, check it is a tuple of row-aligned tensors, split off validation.
+
+    The loader runs under one data seed (``data.split_seed``) for torch, ``random`` and
+    NumPy, the same on every rank, and the global random streams are left as they were:
+    a loader that draws at random loads the same rows on every rank.
+    """
     if cfg.name in LOADERS:
         loader = LOADERS[cfg.name]
     else:
         _, loader = import_target(cfg.name, "data.name", base_dir)
     try:
-        tensors = tuple(loader(**cfg.options))
+        with _seeded(cfg.split_seed, seed_devices):
+            tensors = loader(**cfg.options)
     except TypeError as e:
         raise ConfigError(
             "data.options", f"{cfg.name} does not accept these options: {e}"
         ) from None
+    except Exception as e:  # noqa: BLE001 - the user's loader failed: one message naming it
+        raise ConfigError(
+            "data.name", f"{cfg.name} raised {type(e).__name__}: {first_line(e)}"
+        ) from None
+    if isinstance(tensors, Tensor) or not isinstance(tensors, (tuple, list)):
+        raise ConfigError(
+            "data.name",
+            f"{cfg.name} must return a tuple of tensors, got {type(tensors).__name__}",
+        )
+    tensors = tuple(tensors)
     _check_tensors(cfg.name, tensors)
     n = tensors[0].shape[0]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.split_seed))
@@ -111,6 +137,25 @@ def load_data(cfg: DataConfig, base_dir: Path = Path(".")) -> Split:
         val=tuple(t[val_rows] for t in tensors),
         val_rows=val_rows,
     )
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, devices: Sequence[int]) -> Iterator[None]:
+    """Run a block with torch, ``random`` and NumPy seeded by ``seed``, then restore them."""
+    numpy = sys.modules.get("numpy")
+    py_state = random.getstate()
+    np_state = numpy.random.get_state() if numpy is not None else None
+    with torch.random.fork_rng(devices=list(devices)):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        if numpy is not None:
+            numpy.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            if numpy is not None:
+                numpy.random.set_state(np_state)
 
 
 def _check_tensors(name: str, tensors: tuple[Any, ...]) -> None:

@@ -24,19 +24,17 @@ from distsvi.infer import (
     TraceMeanField_ELBO,
     autoguide,
 )
-from distsvi.train.config import AUTOGUIDES, ConfigError, TrainConfig, check_batch, import_target
+from distsvi.nn import PyroModule
+from distsvi.train.config import TrainConfig, check_batch, check_model_signature
 from distsvi.train.data import Split, load_data
+from distsvi.train.errors import ConfigError, RunFailed, first_line, import_target
 from distsvi.train.models import BUILTIN
+from distsvi.train.names import AUTOGUIDES, SCHEDULERS
 
 LOSSES = {
     "Trace_ELBO": Trace_ELBO,
     "TraceMeanField_ELBO": TraceMeanField_ELBO,
     "TraceGraph_ELBO": TraceGraph_ELBO,
-}
-SCHEDULERS = {
-    "exponential": "ExponentialLR",
-    "step": "StepLR",
-    "cosine": "CosineAnnealingLR",
 }
 
 
@@ -114,12 +112,17 @@ class Job:
 
 class GradMonitor:
     """Runs after the cross-rank gradient average (``svi.grad_hook``): measures the
-    gradient norm, clips it, and in a single process skips steps whose gradients are not
-    finite (across ranks, :class:`~distsvi.distributed.DataParallelSVI` skips those itself,
-    the same on every rank)."""
+    gradient norm, clips it, and in a single process skips steps whose loss or gradients
+    are not finite. Across ranks :class:`~distsvi.distributed.DataParallelSVI` skips those
+    itself, the same on every rank; in one process its policy (count, skip, stop after
+    ``max_bad_steps`` in a row) is applied here, so both share one policy.
 
-    def __init__(self, inner: Callable | None, clip_norm: float | None) -> None:
-        self.inner, self.clip_norm = inner, clip_norm
+    :param policy: the DataParallelSVI whose skip/stop policy a single process uses
+        (None: count skipped steps in :attr:`skipped` only).
+    """
+
+    def __init__(self, inner: Callable | None, clip_norm: float | None, policy: Any = None) -> None:
+        self.inner, self.clip_norm, self.policy = inner, clip_norm, policy
         self.skipped = 0
         self.grad_norm = torch.zeros(())
 
@@ -134,9 +137,13 @@ class GradMonitor:
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         self.grad_norm = norm.detach()
         # Sync point: one host read per step to decide whether to skip.
-        if not bool(torch.isfinite(norm)):
+        if not bool(torch.isfinite(norm + loss.detach())):
+            if self.policy is not None and self.inner is None:
+                return self.policy._bad_step(params)  # raises after max_bad_steps in a row
             self.skipped += 1
             return None
+        if self.policy is not None and self.inner is None:
+            self.policy.bad_in_a_row = 0
         if self.clip_norm is not None:
             torch._foreach_mul_(grads, torch.clamp(self.clip_norm / (norm + 1e-6), max=1.0))
         return loss
@@ -187,16 +194,23 @@ def build_model(cfg: TrainConfig) -> tuple[Any, Callable]:
             obj = target(**cfg.model.options)
         except TypeError as e:
             raise ConfigError("model.options", f"{cfg.model.name}: {e}") from None
-        if not callable(getattr(obj, "model", None)):
-            raise ConfigError("model.name", f"{cfg.model.name} has no model method")
-        return obj, obj.model
+        if callable(getattr(obj, "model", None)):
+            return obj, obj.model
+        if isinstance(obj, PyroModule):
+            return obj, obj  # its forward is the model
+        raise ConfigError(
+            "model.name",
+            f"{cfg.model.name} has no model method; give it one, or make it a "
+            "distsvi.nn.PyroModule whose forward is the model",
+        )
     if not callable(target):
         raise ConfigError("model.name", f"{cfg.model.name} is not callable")
     return target, target
 
 
 def build_guide(cfg: TrainConfig, model_obj: Any, model: Callable) -> Callable:
-    """An autoguide of ``model``, the model class's own ``guide``, or the user's function."""
+    """An autoguide of ``model``, the model class's own ``guide``, the user's function, or
+    the user's PyroModule class (built with ``guide.options``)."""
     name = cfg.guide.name
     if name in AUTOGUIDES:
         try:
@@ -208,6 +222,11 @@ def build_guide(cfg: TrainConfig, model_obj: Any, model: Callable) -> Callable:
             raise ConfigError("guide.name", f"'model' needs a guide method on {cfg.model.name}")
         return model_obj.guide
     _, guide = import_target(name, "guide.name")
+    if isinstance(guide, type) and issubclass(guide, PyroModule):
+        try:
+            return guide(**cfg.guide.options)
+        except TypeError as e:
+            raise ConfigError("guide.options", f"{name}: {e}") from None
     return guide
 
 
@@ -239,14 +258,18 @@ def build_job(cfg: TrainConfig, group: distributed.ProcessGroup) -> Job:
     The job owns the global param store: it starts empty.
     """
     distsvi.clear_param_store()
-    split = load_data(cfg.data)
+    split = load_data(cfg.data, seed_devices=cuda_devices(group))
+    check_same_data(cfg.data.name, split, group)
     check_batch(cfg, split.num_train + split.num_val, group.world_size)
     split.train = tuple(t.to(group.device) for t in split.train)
     split.val = tuple(t.to(group.device) for t in split.val)
     model_obj, model = build_model(cfg)
+    check_model_signature(model, "model.name", cfg.model.name, num_tensors=len(split.train))
     if isinstance(model_obj, torch.nn.Module):
         model_obj.to(group.device)
     guide = build_guide(cfg, model_obj, model)
+    if isinstance(guide, torch.nn.Module) and guide is not model_obj:
+        guide.to(group.device)
     loss_cfg = cfg.loss
     loss = LOSSES[loss_cfg.name](
         num_particles=loss_cfg.num_particles,
@@ -258,9 +281,14 @@ def build_job(cfg: TrainConfig, group: distributed.ProcessGroup) -> Job:
     optim, scheduler = build_optim(cfg)
     svi = SVI(model, guide, optim, loss)
     dp = distributed.DataParallelSVI(
-        svi, group, shard_plates=("data",), bucket_cap_mb=cfg.dist.bucket_cap_mb, seed=cfg.run.seed
+        svi,
+        group,
+        shard_plates=("data",),
+        bucket_cap_mb=cfg.dist.bucket_cap_mb,
+        seed=cfg.run.seed,
+        max_bad_steps=cfg.run.max_bad_steps,
     )
-    monitor = GradMonitor(svi.grad_hook, cfg.optim.clip_norm)
+    monitor = GradMonitor(svi.grad_hook, cfg.optim.clip_norm, policy=dp)
     svi.grad_hook = monitor
     replay = None
     if group.is_distributed:
@@ -332,4 +360,75 @@ def posterior_predictive(job: Job, num_samples: int, seed: int) -> dict[str, tor
             job.model, guide=job.guide, num_samples=num_samples, return_sites=sites
         )
         samples = predictive(*inputs, None, **kwargs)
-    return {k: v.detach().cpu() for k, v in samples.items()}
+    # Predictive draws all samples in one vectorized pass, which leaves a global site
+    # (e.g. ``w``, one value for all rows) with a singleton dim for the data plate: give
+    # every site the shape of one draw, after the samples dim.
+    return {
+        k: v.detach().cpu().reshape(num_samples, *model_trace.nodes[k]["value"].shape)
+        for k, v in samples.items()
+    }
+
+
+def check_same_data(name: str, split: Split, group: distributed.ProcessGroup) -> None:
+    """Every rank loaded the same data: compare a fingerprint (shapes, dtypes, two sums)
+    across ranks, so that a loader that draws at random stops the job instead of training
+    each rank on different rows."""
+    if not group.is_distributed:
+        return
+    mine = _fingerprint(split.train + split.val)
+    everyone: list[Any] = [None] * group.world_size
+    torch.distributed.all_gather_object(everyone, mine)
+    differ = [r for r, fp in enumerate(everyone) if fp != everyone[0]]
+    if differ:
+        raise RunFailed(
+            f"data.name {name} returned different data on rank 0 and rank {differ[0]} "
+            f"(shapes, dtypes, sums: {everyone[0]} vs {everyone[differ[0]]}); every rank must "
+            "load the same rows: read them from a file, or draw them from a generator "
+            "seeded by a loader argument (torch.Generator().manual_seed(seed))"
+        )
+
+
+def _fingerprint(tensors: tuple[torch.Tensor, ...]) -> list[tuple]:
+    out = []
+    for t in tensors:
+        flat = t.detach().reshape(-1).to("cpu", torch.float64)
+        weights = torch.arange(flat.numel(), dtype=torch.float64) % 1009 + 1
+        sums = (round(float(flat.sum()), 6), round(float((flat * weights).sum()), 6))
+        out.append((tuple(t.shape), str(t.dtype), sums))
+    return out
+
+
+def first_non_finite(job: Job) -> str:
+    """Where a diverged run went wrong: the first param (constrained or not) or sample
+    site (value or log-prob) that is not finite, at the current params on this rank's
+    data. The failure path only: it costs a trace of guide and model."""
+    store = distsvi.get_param_store()
+    for name, value in store.named_parameters():
+        if not bool(torch.isfinite(value).all()):
+            return f"first non-finite value: param {name!r} (unconstrained)"
+        if not bool(torch.isfinite(store[name]).all()):
+            return f"first non-finite value: param {name!r}"
+    size, batch = job.split.num_train, job.cfg.run.batch_size
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda_devices(job.group)):
+            guide = poutine.trace(job.guide).get_trace(
+                *job.split.train, size=size, subsample_size=batch
+            )
+            model = poutine.trace(poutine.replay(job.model, trace=guide)).get_trace(
+                *job.split.train, size=size, subsample_size=batch
+            )
+    except ValueError as e:
+        return f"a distribution refused its parameters ({first_line(e)})"
+    for where, trace in (("guide", guide), ("model", model)):
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            if not bool(torch.isfinite(torch.as_tensor(site["value"], dtype=torch.float64)).all()):
+                return f"first non-finite value: {where} sample site {name!r}"
+            try:
+                log_prob = site["fn"].log_prob(site["value"])
+            except ValueError as e:
+                return f"{where} site {name!r} refused its value ({first_line(e)})"
+            if not bool(torch.isfinite(log_prob).all()):
+                return f"first non-finite log-prob: {where} site {name!r}"
+    return "no non-finite param or log-prob found at the current params"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,10 @@ from distsvi import distributed
 from distsvi.distributed.data import rank_seed
 from distsvi.train import checkpoint
 from distsvi.train.config import TrainConfig, to_yaml
-from distsvi.train.job import Job, build_job, posterior_predictive, validate
+from distsvi.train.errors import RunFailed
+from distsvi.train.job import Job, build_job, first_non_finite, posterior_predictive, validate
 from distsvi.train.metrics import Progress, Timer, make_metrics
+from distsvi.train.process import DirLock
 
 
 def _init(cfg: TrainConfig) -> distributed.ProcessGroup:
@@ -46,8 +49,12 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         from distsvi.train import load_config, train
         train(load_config("quickstart", ["run.steps=500"]))
     """
+    # The writing rank locks the checkpoint dir before it joins: a second job on the same
+    # dir stops here, and its other ranks are stopped by torchrun.
+    lock = DirLock(cfg.checkpoint.dir).acquire() if _env_rank() == 0 else None
     group = _init(cfg)
     metrics = progress = None
+    done = False
     try:
         # Seeded before anything draws (module initialisation too); a resume overrides it.
         distsvi.set_rng_seed(rank_seed(cfg.run.seed, group.rank))
@@ -55,6 +62,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         ckpt = checkpoint.Checkpointer(
             cfg.checkpoint.dir, cfg.checkpoint.every, cfg.checkpoint.keep, group.is_main
         )
+        ckpt.remove_stale_tmp()
         start = checkpoint.restore(job, ckpt)
         if group.is_main:
             Path(cfg.checkpoint.dir).mkdir(parents=True, exist_ok=True)
@@ -66,7 +74,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         timer = Timer()
         val_loss = math.nan
         for step in range(start + 1, job.total_steps + 1):
-            loss = job.step()
+            loss = take_step(job)
             timer.tick()
             if job.scheduler is not None and step % cfg.schedule.every == 0:
                 job.scheduler.step()
@@ -93,18 +101,55 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                 ckpt.save(state)
         if start >= job.total_steps:
             progress.message(
-                f"nothing to do: the checkpoint is at step {start} of {job.total_steps}"
+                f"nothing to do: the checkpoint in {cfg.checkpoint.dir} is at step {start} of "
+                f"{job.total_steps}. To train longer raise run.steps (e.g. "
+                f"run.steps={2 * max(job.total_steps, 1)}); to start afresh set "
+                "checkpoint.resume=never or a new checkpoint.dir"
             )
         results = {"loss/val": val_loss}
         if group.is_main:
             results.update(final_report(job, progress))
+        done = True
         return results
     finally:
         if progress is not None:
             progress.close()
         if metrics is not None:
             metrics.close()
+        _leave(done)
+        if lock is not None:
+            lock.release()
+
+
+def _env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _leave(done: bool) -> None:
+    """Leave the process group: after a good run with every rank (a barrier); after a
+    failure at once. A failed rank must not wait for peers that may wait on it (they are
+    stopped by torchrun, or see the closed connection)."""
+    if done:
         distributed.shutdown()
+
+
+def take_step(job: Job) -> float:
+    """One step; a run that diverged stops with :class:`RunFailed` naming the first
+    non-finite param or site (looked for only now, so the steps before pay nothing)."""
+    try:
+        return job.step()
+    except FloatingPointError as e:
+        raise RunFailed(f"{e} {first_non_finite(job)}") from None
+    except ValueError:
+        # A distribution refusing a non-finite parameter (torch's constraint check) after a
+        # diverging update is the same failure, found one step later.
+        site = first_non_finite(job)
+        if site.startswith("no non-finite"):
+            raise
+        raise RunFailed(
+            f"training diverged: {site}. Lower optim.lr (now {job.cfg.optim.lr}) or set "
+            "optim.clip_norm"
+        ) from None
 
 
 def final_report(job: Job, progress: Progress) -> dict[str, float]:
@@ -124,7 +169,7 @@ def _job_from_checkpoint(cfg: TrainConfig, path: str) -> tuple[Job, dict[str, An
     distsvi.set_rng_seed(rank_seed(cfg.run.seed, group.rank))
     job = build_job(cfg, group)
     state, _ = checkpoint.read_checkpoint(job, None, path)
-    checkpoint.load_params(job, state)
+    checkpoint.load_params(job, state, Path(path))
     return job, state
 
 
@@ -134,12 +179,14 @@ def evaluate(cfg: TrainConfig, path: str) -> float | None:
 
     :returns: the loss on the main rank, ``None`` elsewhere.
     """
+    done = False
     try:
         job, state = _job_from_checkpoint(cfg, path)
         loss = validate(job, cfg.run.seed + int(state["step"]))
+        done = True
         return loss if job.group.is_main else None
     finally:
-        distributed.shutdown()
+        _leave(done)
 
 
 def predict(
@@ -153,13 +200,16 @@ def predict(
 
     :returns: the shape of each site's samples on the main rank, ``None`` elsewhere.
     """
+    done = False
     try:
         job, _ = _job_from_checkpoint(cfg, path)
-        if not job.group.is_main:
-            return None
-        samples = posterior_predictive(job, num_samples, cfg.run.seed)
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"samples": samples, "rows": job.split.val_rows}, out)
-        return {k: v.shape for k, v in samples.items()}
+        shapes = None
+        if job.group.is_main:
+            samples = posterior_predictive(job, num_samples, cfg.run.seed)
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"samples": samples, "rows": job.split.val_rows}, out)
+            shapes = {k: v.shape for k, v in samples.items()}
+        done = True
+        return shapes
     finally:
-        distributed.shutdown()
+        _leave(done)

@@ -71,7 +71,7 @@ def test_guide_uses_the_models_explicit_indices():
     locs = torch.arange(float(N))
     pyro.get_param_store()["AutoNormal.locs.z"] = locs
     guide_trace = poutine.trace(guide).get_trace(X, idx)
-    assert torch.equal(guide_trace.nodes["z"]["fn"].mean, locs[idx])
+    assert torch.equal(guide_trace.nodes["z_unconstrained"]["fn"].mean, locs[idx])
     # the model's own plate keeps its indices, and its sites get the guide's rows
     model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(X, idx)
     assert torch.equal(model_trace.nodes["z"]["value"], guide_trace.nodes["z"]["value"])
@@ -178,4 +178,4 @@ def test_an_explicit_permutation_of_all_indices_is_followed():
     locs = torch.arange(float(N))
     pyro.get_param_store()["AutoNormal.locs.z"] = locs
     guide_trace = poutine.trace(guide).get_trace(X, perm)
-    assert torch.equal(guide_trace.nodes["z"]["fn"].mean, locs[perm])
+    assert torch.equal(guide_trace.nodes["z_unconstrained"]["fn"].mean, locs[perm])

@@ -9,7 +9,9 @@ from .continuous import (
 )
 from .guides import AutoDelta, AutoGuideList, AutoNormal
 from .initialization import (
+    InitMessenger,
     init_to_feasible,
+    init_to_generated,
     init_to_mean,
     init_to_median,
     init_to_sample,
@@ -26,7 +28,9 @@ __all__ = [
     "AutoLowRankMultivariateNormal",
     "AutoMultivariateNormal",
     "AutoNormal",
+    "InitMessenger",
     "init_to_feasible",
+    "init_to_generated",
     "init_to_mean",
     "init_to_median",
     "init_to_sample",

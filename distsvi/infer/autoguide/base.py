@@ -84,12 +84,6 @@ class _PlateProbe(Messenger):
                 msg["done"] = True
 
 
-def _is_real(support: constraints.Constraint) -> bool:
-    while isinstance(support, constraints.independent):
-        support = support.base_constraint
-    return support is constraints.real
-
-
 def _bijection(site: dict, guide: str) -> Any:
     """The map from unconstrained space onto the site's support, or a clear error."""
     try:
@@ -106,12 +100,41 @@ def _sum_rightmost(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.sum(tuple(range(-n, 0))) if n > 0 else x
 
 
-def _constrained_delta(transform: Any, u: torch.Tensor, fn_event_dim: int) -> Any:
-    """A ``Delta`` at ``transform(u)`` whose log-density is the Jacobian of the map back."""
-    value = transform(u)
-    log_density = transform.inv.log_abs_det_jacobian(value, u)
-    log_density = _sum_rightmost(log_density, log_density.dim() - value.dim() + fn_event_dim)
-    return dist.Delta(value, log_density, event_dim=fn_event_dim)
+def _identity(transform: Any) -> bool:
+    """Whether ``transform`` is torch's identity map (what ``biject_to(real)`` returns)."""
+    T = torch.distributions.transforms
+    while isinstance(transform, T.IndependentTransform):
+        transform = transform.base_transform
+    return isinstance(transform, T.ComposeTransform) and not transform.parts
+
+
+class _DeltaPlan:
+    """How one latent site's unconstrained draw becomes its value and ``Delta`` site,
+    worked out once (after the prototype) so that each call does only the tensor work.
+
+    For a site with real support the map is the identity: the value is the draw itself and
+    the ``Delta``'s log-density a constant zero (no transform, no Jacobian kernels).
+    """
+
+    __slots__ = ("fn_event_dim", "transform", "zero")
+
+    def __init__(self, transform: Any, fn_event_dim: int, like: torch.Tensor) -> None:
+        self.transform = None if _identity(transform) else transform
+        self.fn_event_dim = fn_event_dim
+        self.zero = like.new_zeros(())
+
+    def delta(self, u: torch.Tensor) -> Any:
+        """A ``Delta`` at ``transform(u)`` whose log-density is the Jacobian of the map back."""
+        t = self.transform
+        if t is None:
+            return dist.Delta(u, self.zero, event_dim=self.fn_event_dim)
+        value = t(u)
+        log_density = t.inv.log_abs_det_jacobian(value, u)
+        n = log_density.dim() - value.dim() + self.fn_event_dim
+        return dist.Delta(value, _sum_rightmost(log_density, n), event_dim=self.fn_event_dim)
+
+    def constrain(self, u: torch.Tensor) -> torch.Tensor:
+        return u if self.transform is None else self.transform(u)
 
 
 def _periodic_repeat(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
@@ -158,6 +181,15 @@ class AutoGuide:
         return self._forward(self._create_plates(args, kwargs), args, kwargs)
 
     forward = __call__
+
+    def call(self, *args: Any, **kwargs: Any) -> tuple:
+        """The guide's values as a tuple sorted by site name (Pyro's ``AutoGuide.call``)."""
+        result = self(*args, **kwargs)
+        return tuple(v for _, v in sorted(result.items()))
+
+    def sample_latent(self, *args: Any, **kwargs: Any) -> Any:
+        """Pyro's hook for guides with one latent vector; the others have none."""
+        return None
 
     # structure -------------------------------------------------------------------------
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:

@@ -7,17 +7,15 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.distributions import constraints
-
+from ... import constraints
 from ... import distributions as dist
 from ... import primitives
 from ...params import _PARAM_STORE
 from .base import (
     AutoGuide,
     _bijection,
-    _constrained_delta,
+    _DeltaPlan,
     _in_plates,
-    _is_real,
     _select,
     _subsampled,
 )
@@ -26,28 +24,56 @@ from .initialization import InitFn, init_to_feasible, init_to_median
 
 class _NormalSite:
     __slots__ = (
+        "aux",
         "event_dim",
-        "fn_event_dim",
         "init_loc",
         "init_scale",
         "loc",
         "name",
+        "plan",
         "plate_dims",
         "scale",
-        "transform",
     )
+
+
+_AUX = {"is_auxiliary": True}
+
+
+class _SiteParams:
+    """``guide.locs.<site>`` / ``guide.scales.<site>``: a site's param by attribute, as on
+    Pyro's AutoNormal (a dotted site name ``"a.b"`` reads as ``guide.locs.a.b``)."""
+
+    def __init__(self, guide: AutoNormal, kind: str, prefix: str = "") -> None:
+        self._guide, self._kind, self._prefix = guide, kind, prefix
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        full = self._prefix + name
+        sites = {s.name: s for s in self._guide._sites}
+        if full in sites:
+            return self._guide._site_param(sites[full], self._kind)
+        if any(n.startswith(full + ".") for n in sites):
+            return _SiteParams(self._guide, self._kind, full + ".")
+        raise AttributeError(
+            f"{self._guide._pyro_name}.{self._kind} has no site {full!r} (sites: {sorted(sites)})"
+        )
+
+    def __dir__(self):
+        return [s.name for s in self._guide._sites]
 
 
 class AutoNormal(AutoGuide):
     """A mean-field Normal guide in unconstrained space, one ``loc``/``scale`` per site.
 
-    Params are ``"AutoNormal.locs.<site>"`` and ``"AutoNormal.scales.<site>"``. A site with
-    real support is sampled directly from its Normal; any other site is sampled as the
-    auxiliary ``"<site>_unconstrained"`` and mapped into its support by a ``Delta``
-    carrying the Jacobian, as in Pyro. Scales are ``constraints.positive`` params (stored as
-    their log; Pyro uses a softplus), so a saved store holds only torch's constraints.
-    Under :class:`~distsvi.infer.TraceMeanField_ELBO` the real sites thus get the analytic
-    KL divergence, where Pyro's AutoNormal estimates it by sampling.
+    Params are ``"AutoNormal.locs.<site>"`` and ``"AutoNormal.scales.<site>"`` (read them as
+    ``guide.locs.<site>``, ``guide.scales.<site>``); scales are
+    ``constraints.softplus_positive`` params, as in Pyro. The trace has Pyro's structure:
+    each site is drawn as the auxiliary ``"<site>_unconstrained"`` from its Normal and
+    mapped into the site's support by a ``Delta`` whose log-density is the Jacobian (zero
+    for a site with real support). So under
+    :class:`~distsvi.infer.TraceMeanField_ELBO` the KL is estimated by sampling, as with
+    Pyro's AutoNormal.
 
     :param model: the model.
     :param init_loc_fn: where the locs start (an ``init_to_*`` strategy).
@@ -60,6 +86,8 @@ class AutoNormal(AutoGuide):
         svi = SVI(model, guide, Adam({"lr": 0.01}), Trace_ELBO())
     """
 
+    scale_constraint = constraints.softplus_positive
+
     def __init__(
         self,
         model: Callable,
@@ -71,6 +99,8 @@ class AutoNormal(AutoGuide):
         super().__init__(model, create_plates=create_plates)
         self._set_init(init_loc_fn, init_scale)
         self._sites: list[_NormalSite] = []
+        self.locs = _SiteParams(self, "locs")
+        self.scales = _SiteParams(self, "scales")
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         super()._setup_prototype(*args, **kwargs)
@@ -79,41 +109,45 @@ class AutoNormal(AutoGuide):
             fn, value = site["fn"], site["value"].detach()
             s = _NormalSite()
             s.name = name
+            s.aux = name + "_unconstrained"
             s.loc = f"{self._pyro_name}.locs.{name}"
             s.scale = f"{self._pyro_name}.scales.{name}"
-            s.fn_event_dim = len(fn.event_shape)
-            s.transform = None if _is_real(fn.support) else _bijection(site, self._pyro_name)
-            u = value if s.transform is None else s.transform.inv(value)
-            s.event_dim = s.fn_event_dim + u.dim() - value.dim()
+            transform = _bijection(site, self._pyro_name)
+            u = transform.inv(value)
+            s.event_dim = len(fn.event_shape) + u.dim() - value.dim()
             s.init_loc = self._full_size(u, site, s.event_dim)
             s.init_scale = torch.full_like(s.init_loc, self._init_scale)
             s.plate_dims = self._plate_dims(site, s.event_dim)
+            s.plan = _DeltaPlan(transform, len(fn.event_shape), s.init_loc)
             self._sites.append(s)
+
+    def _site_param(self, s: _NormalSite, kind: str) -> torch.Tensor:
+        if kind == "locs":
+            return primitives.param(s.loc, s.init_loc)
+        return primitives.param(s.scale, s.init_scale, self.scale_constraint)
 
     def _forward(self, plates: dict, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
         param, sample = primitives.param, primitives.sample
         subsampled = _subsampled(plates)
+        scale_constraint = self.scale_constraint
         result = {}
         for s in self._sites:
             # No event_dim here: the rows are selected below, by this call's plates, so an
             # enclosing subsampled plate must not select them too.
             loc = param(s.loc, s.init_loc)
-            scale = param(s.scale, s.init_scale, constraints.positive)
+            scale = param(s.scale, s.init_scale, scale_constraint)
             if subsampled:
                 loc = _select(loc, s.plate_dims, plates, subsampled)
                 scale = _select(scale, s.plate_dims, plates, subsampled)
             q = dist.Normal(loc, scale, validate_args=False).to_event(s.event_dim)
             with _in_plates(plates, s.plate_dims):
-                if s.transform is None:
-                    result[s.name] = sample(s.name, q)
-                    continue
-                u = sample(s.name + "_unconstrained", q, infer={"is_auxiliary": True})
-                result[s.name] = sample(s.name, _constrained_delta(s.transform, u, s.fn_event_dim))
+                u = sample(s.aux, q, infer=_AUX)
+                result[s.name] = sample(s.name, s.plan.delta(u))
         return result
 
     def _loc_scale(self, s: _NormalSite) -> tuple[torch.Tensor, torch.Tensor]:
         loc = _PARAM_STORE.get_param(s.loc, s.init_loc, event_dim=s.event_dim)
-        scale = _PARAM_STORE.get_param(s.scale, s.init_scale, constraints.positive, s.event_dim)
+        scale = _PARAM_STORE.get_param(s.scale, s.init_scale, self.scale_constraint, s.event_dim)
         return loc, scale
 
     @torch.no_grad()
@@ -122,7 +156,7 @@ class AutoNormal(AutoGuide):
         result = {}
         for s in self._sites:
             loc, _ = self._loc_scale(s)
-            result[s.name] = loc.detach().clone() if s.transform is None else s.transform(loc)
+            result[s.name] = loc.detach().clone() if s.plan.transform is None else s.plan.constrain(loc)
         return result
 
     @torch.no_grad()
@@ -133,7 +167,7 @@ class AutoNormal(AutoGuide):
             loc, scale = self._loc_scale(s)
             q = torch.as_tensor(quantiles, dtype=loc.dtype, device=loc.device)
             u = torch.distributions.Normal(loc, scale).icdf(q.reshape((-1,) + (1,) * loc.dim()))
-            result[s.name] = u if s.transform is None else s.transform(u)
+            result[s.name] = s.plan.constrain(u)
         return result
 
 
@@ -185,6 +219,13 @@ class AutoDelta(AutoGuide):
             with _in_plates(plates, s.plate_dims):
                 result[s.name] = primitives.sample(s.name, dist.Delta(value, event_dim=s.event_dim))
         return result
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        # guide.<site>: the site's point, as on Pyro's AutoDelta
+        for s in self.__dict__.get("_sites", ()):
+            if s.name == name:
+                return primitives.param(s.param, s.init, s.support)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @torch.no_grad()
     def median(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch.distributions import biject_to
 
+from ...distributions import MaskedDistribution
 from ...poutine.runtime import Messenger, _broadcast
 
 InitFn = Callable[[dict], torch.Tensor]
@@ -63,16 +64,23 @@ def init_to_uniform(site: dict | None = None, radius: float = 2.0) -> torch.Tens
     return t(torch.rand_like(u) * (2 * radius) - radius)
 
 
+def _is_multivariate(fn: torch.distributions.Distribution) -> bool:
+    while isinstance(fn, (torch.distributions.Independent, MaskedDistribution)):
+        fn = fn.base_dist
+    return any(size > 1 for size in fn.event_shape)
+
+
 def init_to_median(
     site: dict | None = None, num_samples: int = 15, *, fallback: InitFn | None = init_to_feasible
 ) -> torch.Tensor | InitFn:
-    """The elementwise median of ``num_samples`` prior draws (the mean for multivariate
-    distributions, whose median is undefined); ``fallback`` when that fails."""
+    """The elementwise median of ``num_samples`` prior draws; ``fallback`` when that fails.
+    A multivariate distribution (whose median is undefined) starts at
+    :func:`init_to_feasible`, as in Pyro."""
     if site is None:
         return functools.partial(init_to_median, num_samples=num_samples, fallback=fallback)
     fn = site["fn"]
-    if fn.event_shape and not isinstance(fn, torch.distributions.Independent):
-        return init_to_mean(site, fallback=fallback)
+    if _is_multivariate(fn):
+        return init_to_feasible(site)
     return _inside_support(
         site, "init_to_median", fallback, lambda: fn.sample((num_samples,)).median(dim=0)[0]
     )
@@ -102,6 +110,32 @@ def init_to_value(
     if fallback is None:
         raise ValueError(f"init_to_value: no value for site {site['name']!r}")
     return fallback(site)
+
+
+class _InitToGenerated:
+    """Calls ``generate()`` for a fresh strategy at the start of each model run (a run
+    starts when a site name comes round again)."""
+
+    def __init__(self, generate: Callable[[], InitFn]) -> None:
+        self.generate = generate
+        self._init: InitFn | None = None
+        self._seen: set = set()
+
+    def __call__(self, site: dict) -> torch.Tensor:
+        if self._init is None or site["name"] in self._seen:
+            self._init = self.generate()
+            self._seen = set()
+        self._seen.add(site["name"])
+        return self._init(site)
+
+
+def init_to_generated(
+    site: dict | None = None, generate: Callable[[], InitFn] = lambda: init_to_uniform
+) -> torch.Tensor | InitFn:
+    """The strategy returned by ``generate()``, called once per run of the model (e.g. an
+    ``init_to_value`` of freshly drawn values, so that each run starts elsewhere)."""
+    init = _InitToGenerated(generate)
+    return init if site is None else init(site)
 
 
 class InitMessenger(Messenger):
@@ -143,6 +177,7 @@ class InitMessenger(Messenger):
 __all__ = [
     "InitMessenger",
     "init_to_feasible",
+    "init_to_generated",
     "init_to_mean",
     "init_to_median",
     "init_to_sample",
