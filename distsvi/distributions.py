@@ -51,6 +51,17 @@ class DistributionMixin:
     def shape(self, sample_shape: torch.Size = _NO_SHAPE) -> torch.Size:
         return torch.Size(sample_shape) + self.batch_shape + self.event_shape
 
+    def has_rsample_(self, value: bool) -> _td.Distribution:
+        """Force reparameterised (``True``) or detached (``False``) sampling of this one
+        instance, in place (Pyro's); returns it."""
+        if value is not True and value is not False:
+            raise ValueError(f"has_rsample_ takes True or False, got {value!r}")
+        if isinstance(getattr(type(self), "has_rsample", None), property):
+            self.base_dist.has_rsample_(value)  # a wrapper (Independent, masked) asks its base
+        else:
+            self.has_rsample = value
+        return self
+
 
 def _export(cls: type) -> type:
     if DistributionMixin in cls.__mro__:

@@ -7,6 +7,7 @@ reads the store); inside handlers it builds one message and runs the stack.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -203,6 +204,15 @@ def module(
     if store._modules.get(name) is not nn_module:
         store._modules[name] = nn_module
     for pname, p in nn_module.named_parameters():
+        if not p.requires_grad:
+            if nn_module.training:
+                warnings.warn(
+                    f"module {name!r}: {pname} was not registered in the param store "
+                    "because requires_grad=False. You can silence this warning by calling "
+                    "my_module.train(False)",
+                    stacklevel=2,
+                )
+            continue
         full = param_with_module_name(name, pname)
         stored = store._params.get(full)
         if stored is not None and stored is not p:
@@ -286,6 +296,7 @@ class plate(_PlateFrame):
         super().__init__(None)
         if use_cuda and device is None:
             device = "cuda"
+        self._given = subsample  # what ``with`` yields, as in Pyro (a list stays a list)
         if subsample is not None:
             subsample = torch.as_tensor(subsample)
             if subsample.dim() != 1:
@@ -360,6 +371,8 @@ class plate(_PlateFrame):
         n = -1 if idx is None else len(idx)
         self._frame = CondIndepStackFrame(self.name, self.dim, n, 0, self.size)
         super().__enter__()
+        if self._given is not None and idx is self._subsample:
+            return self._given
         return idx
 
     def __exit__(self, exc_type, exc_value, traceback) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
+from itertools import zip_longest
 from typing import Any
 
 import torch
@@ -117,6 +118,10 @@ class ELBO:
             for site in trace.nodes.values():
                 if site["type"] == "sample":
                     check_site_shape(site, self.max_plate_nesting)
+        for name in model_latent:
+            guide_site = guide_trace.nodes.get(name)
+            if guide_site is not None and guide_site["type"] == "sample":
+                _check_shapes_agree(model_trace.nodes[name], guide_site, self.max_plate_nesting)
         if len(self._checked) >= 1024:  # site names that vary every step: stay bounded
             self._checked.clear()
         self._checked.add(key)
@@ -179,10 +184,15 @@ class ELBO:
                 total = total + loss
             return float(total / self.num_particles)  # host sync: the caller wants a number
 
-    def loss_and_grads(
+    def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
+        """Backpropagate the surrogate loss; return the loss estimate as a float (as Pyro)."""
+        return float(self._loss_and_grads(model, guide, *args, **kwargs))  # host sync
+
+    def _loss_and_grads(
         self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
     ) -> torch.Tensor:
-        """Backpropagate the surrogate loss; return the loss as a detached 0-dim tensor."""
+        """:meth:`loss_and_grads` returning the loss as a detached 0-dim tensor, with no host
+        sync: what :class:`~distsvi.infer.SVI` steps with."""
         n = self.num_particles
         total = None
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
@@ -194,6 +204,37 @@ class ELBO:
         if n != 1:
             total = total / n
         return total if isinstance(total, torch.Tensor) else torch.tensor(total)
+
+
+def _check_shapes_agree(model_site: dict, guide_site: dict, max_plate_nesting: float) -> None:
+    """A guide value must have the model site's shape (up to broadcasting over dims left
+    of the plates), or its log-densities would broadcast into a wrong ELBO."""
+    name = model_site["name"]
+    model_fn, guide_fn = model_site["fn"], guide_site["fn"]
+    model_event = len(model_fn.event_shape)
+    guide_event = len(guide_fn.event_shape)
+    if model_event != guide_event:
+        raise ValueError(
+            f"Model and guide event_dims disagree at site {name!r}: {model_event} vs "
+            f"{guide_event}; give the guide's distribution the model's event shape "
+            f"{tuple(model_fn.event_shape)} (e.g. with .to_event(n))"
+        )
+    model_shape = tuple(model_fn.batch_shape + model_fn.event_shape)
+    guide_shape = tuple(guide_fn.batch_shape + guide_fn.event_shape)
+    if model_shape == guide_shape:
+        return
+    if max_plate_nesting != float("inf"):
+        keep = int(max_plate_nesting) + model_event
+        model_shape = model_shape[max(0, len(model_shape) - keep) :]
+        guide_shape = guide_shape[max(0, len(guide_shape) - keep) :]
+    if model_shape != guide_shape and any(
+        m != g for m, g in zip_longest(reversed(model_shape), reversed(guide_shape), fillvalue=1)
+    ):
+        raise ValueError(
+            f"Model and guide shapes disagree at site {name!r}: {model_shape} vs "
+            f"{guide_shape} (model vs guide). Give the guide's distribution the model's shape: "
+            "put it in the same plates, or reshape/.to_event() it"
+        )
 
 
 def _plate_frames(site: dict) -> frozenset:
@@ -301,3 +342,17 @@ class TraceMeanField_ELBO(ELBO):
                 # auxiliary guide sites enter as -log q
                 elbo = elbo - guide_site["log_prob_sum"]
         return _detach(-elbo), -elbo
+
+
+class JitTrace_ELBO(Trace_ELBO):
+    """Pyro's JIT-compiled :class:`Trace_ELBO`: here :class:`~distsvi.infer.SVI` runs it
+    through ``torch.compile`` (as ``SVI(..., compile=True)``); the numbers are Trace_ELBO's."""
+
+    compile_step = True
+
+
+class JitTraceMeanField_ELBO(TraceMeanField_ELBO):
+    """Pyro's JIT-compiled :class:`TraceMeanField_ELBO`, run by ``SVI`` through
+    ``torch.compile`` (as ``SVI(..., compile=True)``)."""
+
+    compile_step = True

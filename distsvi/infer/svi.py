@@ -91,7 +91,10 @@ class SVI:
         self.grad_hook = grad_hook
         if hasattr(loss, "loss") and hasattr(loss, "loss_and_grads"):
             self.loss = loss.loss
-            self.loss_and_grads = loss_and_grads or loss.loss_and_grads
+            # The ELBO's tensor-returning path: the step's one host sync stays in _apply.
+            self.loss_and_grads = loss_and_grads or getattr(
+                loss, "_loss_and_grads", loss.loss_and_grads
+            )
         elif callable(loss):
             self.loss = lambda *a, **k: float(loss(*a, **k))
 
@@ -103,6 +106,8 @@ class SVI:
             self.loss_and_grads = loss_and_grads or _loss_and_grads
         else:
             raise TypeError(f"loss must be an ELBO or a callable, got {loss!r}")
+        if compile is False and getattr(loss, "compile_step", False):
+            compile = True  # JitTrace_ELBO and friends: Pyro's JIT becomes torch.compile
         if compile and (loss_and_grads is not None or not hasattr(loss, "differentiable_loss")):
             raise ValueError("SVI(compile=True) needs an ELBO loss and no custom loss_and_grads")
         self._compile_options = ({} if compile is True else dict(compile)) if compile else None
@@ -116,6 +121,8 @@ class SVI:
             return self._step_compiled(args, kwargs)
         with poutine.trace(param_only=True) as param_capture:
             loss = self.loss_and_grads(self.model, self.guide, *args, **kwargs)
+        if not isinstance(loss, torch.Tensor):  # a custom loss_and_grads returning a float
+            loss = torch.tensor(loss)
         params = {
             name: _leaf(name, site["value"]) for name, site in param_capture.trace.nodes.items()
         }

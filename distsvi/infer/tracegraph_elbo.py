@@ -186,3 +186,10 @@ def _downstream_costs(model_trace: Trace, guide_trace: Trace, non_reparam: list)
             _add(terms, s, s["log_prob"].detach())
         costs[name] = _sum_to(terms, _plate_frames(site))
     return costs
+
+
+class JitTraceGraph_ELBO(TraceGraph_ELBO):
+    """Pyro's JIT-compiled :class:`TraceGraph_ELBO`, run by ``SVI`` through
+    ``torch.compile`` (as ``SVI(..., compile=True)``)."""
+
+    compile_step = True

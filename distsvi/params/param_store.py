@@ -7,7 +7,9 @@ same map Pyro uses, so gradients agree with Pyro's.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import weakref
 from collections.abc import Callable, Iterator, KeysView
 from typing import Any
 
@@ -121,7 +123,12 @@ class ParamStore:
     def __getitem__(self, name: str) -> torch.Tensor:
         t = self._transforms[name]
         x = self._params[name]
-        return x if t is None else t(x)
+        value = x if t is None else t(x)
+        if not torch.compiler.is_compiling():
+            # Pyro's handle on the leaf, ``param(...).unconstrained()`` (get_state strips it
+            # again, since a weakref cannot be saved)
+            value.unconstrained = weakref.ref(x)
+        return value
 
     def __setitem__(self, name: str, value: torch.Tensor) -> None:
         constraint = self._constraints.setdefault(name, constraints.real)
@@ -140,8 +147,14 @@ class ParamStore:
                 unconstrained = value
             else:
                 unconstrained = transform.inv(value).contiguous()
-        if not unconstrained.is_leaf or (transform is not None and unconstrained is value):
-            unconstrained = unconstrained.detach().clone()
+        # A copy when the value is not a contiguous leaf of its own (a view, e.g. an
+        # expanded tensor, cannot be stepped in place); otherwise, as in Pyro, the very tensor.
+        if (
+            not unconstrained.is_leaf
+            or not unconstrained.is_contiguous()
+            or (transform is not None and unconstrained is value)
+        ):
+            unconstrained = unconstrained.detach().clone(memory_format=torch.contiguous_format)
         unconstrained.requires_grad_(True)
         self.version += 1
         self._params[name] = unconstrained
@@ -196,6 +209,8 @@ class ParamStore:
 
     def get_state(self) -> dict:
         """``{"params": {name: unconstrained}, "constraints": {name: constraint}}``."""
+        for p in self._params.values():
+            p.__dict__.pop("unconstrained", None)  # so that the state can be torch.save'd
         return {"params": dict(self._params), "constraints": dict(self._constraints)}
 
     def set_state(self, state: dict) -> None:
@@ -225,6 +240,39 @@ class ParamStore:
         state = torch.load(filename, map_location=map_location, weights_only=True)
         self.set_state(state)
 
+    @contextlib.contextmanager
+    def scope(self, state: dict | None = None) -> Iterator[dict]:
+        """Run a block with a store of its own: the block starts from ``state`` (empty by
+        default) and what it leaves is yielded, to be passed to a later ``scope``; the
+        outer params come back afterwards::
+
+            with store.scope() as first: ...       # train one model
+            with store.scope(first): ...           # evaluate it again later
+        """
+        outer = self.get_state()
+        modules = dict(self._modules)
+        inner = {"params": {}, "constraints": {}} if state is None else state
+        try:
+            self.clear()
+            self._put(inner)
+            yield inner
+            inner.update(self.get_state())
+        finally:
+            self.clear()
+            self._put(outer)
+            self._modules.update(modules)
+
+    def _put(self, state: dict) -> None:
+        """Hold the very tensors of ``state`` (an optimizer keeps its state for them)."""
+        for name, p in state["params"].items():
+            c = state["constraints"][name]
+            c = _from_spec(c) if isinstance(c, str) else c
+            self._params[name] = p
+            self._constraints[name] = c
+            self._transforms[name] = None if c is constraints.real else transform_to(c)
+
+
+ParamStoreDict = ParamStore  # Pyro's name
 
 _PARAM_STORE = ParamStore()
 
@@ -242,3 +290,13 @@ def clear_param_store() -> None:
 def param_with_module_name(module_name: str, param_name: str) -> str:
     """The store name of a module's param, as Pyro spells it."""
     return f"{module_name}$$${param_name}"
+
+
+def module_from_param_with_module_name(param_name: str) -> str:
+    """The module part of a store name ``module$$$param``."""
+    return param_name.split("$$$")[0]
+
+
+def user_param_name(param_name: str) -> str:
+    """The param part of a store name ``module$$$param`` (the name itself without one)."""
+    return param_name.split("$$$")[1] if "$$$" in param_name else param_name

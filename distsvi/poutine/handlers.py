@@ -43,6 +43,11 @@ class trace(Messenger):
         self.trace = Trace(self.graph_type)
         return super().__enter__()
 
+    def __exit__(self, *exc_info) -> None:
+        if self.graph_type == "dense":
+            self.trace._graph()  # a dense trace is asked for its edges: build them now
+        super().__exit__(*exc_info)
+
     def postprocess_message(self, msg: Message) -> None:
         if self.param_only and msg["type"] != "param":
             return

@@ -31,7 +31,7 @@ def scale_and_mask(tensor: torch.Tensor, scale: Any = 1.0, mask: Any = None) -> 
     return torch.where(mask, tensor * scale, tensor.new_zeros(()))
 
 
-def _site_log_prob(site: dict) -> torch.Tensor:
+def _site_log_prob(site: dict, what: str = "log_prob") -> torch.Tensor:
     try:
         return site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
     except (ValueError, RuntimeError) as e:
@@ -39,7 +39,8 @@ def _site_log_prob(site: dict) -> torch.Tensor:
         value = site["value"]
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise ValueError(
-            f"sample site {site['name']!r}: cannot compute log_prob of a value of shape {shape} "
+            f"Error while computing {what} at site {site['name']!r}: "
+            f"cannot compute log_prob of a value of shape {shape} "
             f"under {type(fn).__name__} with batch shape {tuple(fn.batch_shape)} and event shape "
             f"{tuple(fn.event_shape)} (plates: {[f.name for f in site['cond_indep_stack']]}). "
             "Make the observation broadcast with the distribution: index data with the plate's "
@@ -47,9 +48,9 @@ def _site_log_prob(site: dict) -> torch.Tensor:
         ) from e
 
 
-def _fill_log_prob(site: dict) -> torch.Tensor:
+def _fill_log_prob(site: dict, what: str = "log_prob") -> torch.Tensor:
     """Set ``unscaled_log_prob``, ``log_prob`` (scaled and masked) and ``log_prob_sum``."""
-    unscaled = _site_log_prob(site)
+    unscaled = _site_log_prob(site, what)
     lp = scale_and_mask(unscaled, site["scale"], site["mask"])
     site["unscaled_log_prob"] = unscaled
     site["log_prob"] = lp
@@ -157,26 +158,31 @@ class Trace:
             for succ in self._succ.get(site, ()):
                 yield site, succ
 
+    def _dfs(self, root: str, visited: set[str]) -> Iterator[str]:
+        """The sites reachable from ``root`` and not in ``visited``, each after its
+        successors (depth-first post-order); they are added to ``visited``."""
+        if root in visited:
+            return
+        stack = [(root, iter(self._succ.get(root, ())))]
+        on_stack = {root}
+        while stack:
+            site, children = stack[-1]
+            child = next((c for c in children if c not in visited and c not in on_stack), None)
+            if child is None:
+                stack.pop()
+                on_stack.discard(site)
+                visited.add(site)
+                yield site
+            else:
+                stack.append((child, iter(self._succ.get(child, ()))))
+                on_stack.add(child)
+
     def topological_sort(self, reverse: bool = False) -> list[str]:
-        """The site names with every site after the sites it depends on (Pyro's order:
-        a depth-first post-order over the sites in execution order, reversed)."""
+        """The site names with every site before the sites that depend on it (Pyro's order:
+        depth-first post-order from each site in execution order, reversed)."""
         self._graph()
-        done: set[str] = set()
-        order: list[str] = []
-        for root in self.nodes:
-            if root in done:
-                continue
-            stack = [(root, iter(self._succ.get(root, ())))]
-            while stack:
-                site, children = stack[-1]
-                child = next((c for c in children if c not in done), None)
-                if child is None:
-                    stack.pop()
-                    if site not in done:
-                        done.add(site)
-                        order.append(site)
-                elif all(child != s for s, _ in stack):
-                    stack.append((child, iter(self._succ.get(child, ()))))
+        visited: set[str] = set()
+        order = [site for root in list(self.nodes) for site in self._dfs(root, visited)]
         return order if reverse else order[::-1]
 
     def detach_(self) -> None:
@@ -197,7 +203,7 @@ class Trace:
         """Set ``score_parts`` (and ``log_prob``) of every sample site."""
         for site in self.nodes.values():
             if site["type"] == "sample" and "score_parts" not in site:
-                lp = _fill_log_prob(site)
+                lp = _fill_log_prob(site, "score_parts")
                 if site["fn"].has_rsample:
                     site["score_parts"] = ScoreParts(lp, 0, lp)
                 else:
@@ -212,7 +218,7 @@ class Trace:
         for name, site in self.nodes.items():
             if site["type"] == "sample" and site_filter(name, site):
                 if "log_prob_sum" not in site:
-                    _fill_log_prob(site)
+                    _fill_log_prob(site, "log_prob_sum")
                 total = total + site["log_prob_sum"]
         return total
 
