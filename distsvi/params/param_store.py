@@ -71,6 +71,22 @@ def _check_init(name: str, value: torch.Tensor, constraint: constraints.Constrai
         )
 
 
+class _Unconstrained:
+    """``param(...).unconstrained()``: a weak handle on the leaf; it pickles as a dead one,
+    so a param value can still cross a process boundary."""
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, x: torch.Tensor | None = None) -> None:
+        self._ref = None if x is None else weakref.ref(x)
+
+    def __call__(self) -> torch.Tensor | None:
+        return None if self._ref is None else self._ref()
+
+    def __reduce__(self):
+        return (_Unconstrained, ())
+
+
 class ParamStore:
     """A dict of named params: ``name -> unconstrained leaf tensor`` plus its constraint.
 
@@ -126,8 +142,8 @@ class ParamStore:
         value = x if t is None else t(x)
         if not torch.compiler.is_compiling():
             # Pyro's handle on the leaf, ``param(...).unconstrained()`` (get_state strips it
-            # again, since a weakref cannot be saved)
-            value.unconstrained = weakref.ref(x)
+            # again, so that a state holds plain tensors)
+            value.unconstrained = _Unconstrained(x)
         return value
 
     def __setitem__(self, name: str, value: torch.Tensor) -> None:
