@@ -670,8 +670,17 @@ def _check_targets(cfg: TrainConfig, base_dir: Path) -> None:
         cfg.model.name, model = import_target(cfg.model.name, "model.name", base_dir)
     if isinstance(model, type):
         _check_options(model, cfg.model.options, "model.options")
-        method = getattr(model, "model", None)
-        require(callable(method), "model.name", f"{cfg.model.name} has no model method")
+        from distsvi.nn import PyroModule
+
+        # A PyroModule without a model method is the model through its forward.
+        fallback = "forward" if issubclass(model, PyroModule) else None
+        method = getattr(model, "model", None) or (fallback and getattr(model, fallback))
+        require(
+            callable(method),
+            "model.name",
+            f"{cfg.model.name} has no model method; give it one, or make it a "
+            "distsvi.nn.PyroModule whose forward is the model",
+        )
         check_model_signature(method, "model.name", cfg.model.name, is_method=True)
     else:
         require(callable(model), "model.name", f"{cfg.model.name} is not callable")
@@ -693,7 +702,14 @@ def _check_targets(cfg: TrainConfig, base_dir: Path) -> None:
     else:
         cfg.guide.name, guide = import_target(cfg.guide.name, "guide.name", base_dir)
         require(callable(guide), "guide.name", f"{cfg.guide.name} is not callable")
-        check_model_signature(guide, "guide.name", cfg.guide.name)
+        from distsvi.nn import PyroModule
+
+        if isinstance(guide, type) and issubclass(guide, PyroModule):
+            # A PyroModule guide class is built with guide.options; its forward is the guide.
+            _check_options(guide, cfg.guide.options, "guide.options")
+            check_model_signature(guide.forward, "guide.name", cfg.guide.name, is_method=True)
+        else:
+            check_model_signature(guide, "guide.name", cfg.guide.name)
 
 
 def check_model_signature(

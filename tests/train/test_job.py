@@ -114,7 +114,7 @@ def test_writer_killed_between_write_and_rename(tmp_path, monkeypatch):
     monkeypatch.undo()
     ck = tmp_path / "ck"
     assert not (ck / "step_00000015.pt").exists()
-    assert (ck / ".step_00000015.pt.tmp").exists()  # the half-done write, never read
+    assert not (ck / ".step_00000015.pt.tmp").exists()  # a failed save cleans its temporary file
     found = checkpoint.Checkpointer(ck, 5, 2, True).latest()
     assert found[0]["step"] == 10
 
