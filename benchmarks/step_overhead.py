@@ -295,8 +295,7 @@ MODELS = {
     ),
     "hier": (f"hierarchical {GROUPS}x{PER_GROUP}, AutoNormal", ppl_hier, hand_hier),
     "vae": (
-        f"amortized MLP {X_DIM}-{HIDDEN}-{2 * Z_DIM} / {Z_DIM}-{HIDDEN}-{X_DIM}, "
-        f"B={B_VAE} of {N_VAE}",
+        f"amortized MLP {X_DIM}-{HIDDEN}-{2 * Z_DIM} / {Z_DIM}-{HIDDEN}-{X_DIM}, B={B_VAE} of {N_VAE}",
         ppl_vae,
         hand_vae,
     ),
