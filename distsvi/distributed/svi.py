@@ -151,6 +151,15 @@ class DataParallelSVI:
                 broadcast_(buffers, self.group, self.cap_bytes)
         return self._loss
 
+    @property
+    def allreduce_bytes(self) -> int:
+        """Bytes each training step all-reduces (the gradient buckets and the loss/flag
+        trailer); 0 in one process."""
+        if not self.group.is_distributed:
+            return 0
+        grads = sum(p.numel() * p.element_size() for p in self._layout_params)
+        return grads + 2 * 4
+
     def evaluate_loss(self, *args: Any, **kwargs: Any) -> float:
         """The loss on the full data passed, shared out over ranks.
 

@@ -71,11 +71,40 @@ def synthetic_gmm(
     return x, x
 
 
+def synthetic_local(
+    num_points: int = 10_000, latent_dim: int = 10, prior_scale: float = 1.0,
+    noise_scale: float = 0.5, seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Draws from :class:`~distsvi.train.models.LocalNormal`'s prior: ``x_i = z_i + noise``."""
+    gen = torch.Generator().manual_seed(seed)
+    z = prior_scale * torch.randn(num_points, latent_dim, generator=gen)
+    x = z + noise_scale * torch.randn(num_points, latent_dim, generator=gen)
+    return x, x
+
+
+def synthetic_counts(
+    num_points: int = 100_000, num_genes: int = 200, num_factors: int = 8, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Counts ``y_ig ~ Poisson(exp(theta_i @ W_g + b_g))`` from random factors and loadings,
+    ``b_g`` spread so that genes range from rare to common (like single-cell counts)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(num_factors, num_genes, generator=gen) * num_factors**-0.5
+    b = torch.linspace(-2.0, 2.0, num_genes)
+    counts = torch.empty(num_points, num_genes)
+    for start in range(0, num_points, 65536):  # bounded temporaries for large tables
+        theta = torch.randn(min(65536, num_points - start), num_factors, generator=gen)
+        rate = (theta @ w + b).exp()
+        counts[start : start + theta.shape[0]] = torch.poisson(rate, generator=gen)
+    return counts, counts
+
+
 LOADERS = {
     "breast_cancer": breast_cancer,
     "digits": digits,
     "synthetic_hierarchical": synthetic_hierarchical,
     "synthetic_gmm": synthetic_gmm,
+    "synthetic_local": synthetic_local,
+    "synthetic_counts": synthetic_counts,
 }
 assert set(LOADERS) == set(BUILTIN_DATA)
 

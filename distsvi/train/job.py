@@ -4,6 +4,7 @@ training step, validation, posterior predictive samples)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -28,6 +29,7 @@ from distsvi.nn import PyroModule
 from distsvi.train.config import TrainConfig, check_batch, check_model_signature
 from distsvi.train.data import Split, load_data
 from distsvi.train.errors import ConfigError, RunFailed, first_line, import_target
+from distsvi.train.heldout import heldout_loss, local_sites, refitted, shard_rows
 from distsvi.train.models import BUILTIN
 from distsvi.train.names import AUTOGUIDES, SCHEDULERS
 
@@ -60,6 +62,8 @@ class Job:
     epoch: int = 0
     position: int = 0
     _batches: Iterator | None = field(default=None, repr=False)
+    # Per-datapoint latent sites of a non-amortized guide: None until first asked.
+    local: tuple | None = field(default=None, repr=False)
 
     def step(self) -> float:
         """One training step on this rank's next minibatch; the loss averaged over ranks."""
@@ -337,7 +341,28 @@ def validate(job: Job, seed: int) -> float:
         distsvi.set_rng_seed(rank_seed(seed, job.group.rank))
         # The sharded "data" plate evaluates this rank's whole shard, whatever subsample_size says.
         batch = min(job.cfg.run.batch_size, job.split.num_val)
-        return job.dp.evaluate_loss(*job.split.val, size=job.split.num_val, subsample_size=batch)
+        local = local_latents(job)
+        if not local:
+            return job.dp.evaluate_loss(
+                *job.split.val, size=job.split.num_val, subsample_size=batch
+            )
+        # Per-datapoint latents: each rank refits and scores its block of held-out rows.
+        g = job.group
+        rows = shard_rows(job.split.val, g.rank, g.world_size)
+        loss = heldout_loss(
+            job.model, job.guide, local, job.split.train, rows, job.cfg.optim.lr, batch
+        )
+        if not g.is_distributed:
+            return loss
+        return distributed.all_reduce_scalars([loss], g)[0] * g.world_size
+
+
+def local_latents(job: Job) -> tuple:
+    """The model's per-datapoint latent sites whose guide params are per training row
+    (see :mod:`distsvi.train.heldout`); empty when held-out rows can be scored directly."""
+    if job.local is None:
+        job.local = local_sites(job.model, job.guide, job.split.train)
+    return job.local
 
 
 def cuda_devices(group: distributed.ProcessGroup) -> list[int]:
@@ -349,16 +374,23 @@ def posterior_predictive(job: Job, num_samples: int, seed: int) -> dict[str, tor
     """Samples of every model sample site on the validation rows (observations left free)."""
     *inputs, _ = job.split.val
     kwargs = {"size": job.split.num_val}
-    with torch.random.fork_rng(devices=cuda_devices(job.group)), torch.no_grad():
+    local = local_latents(job)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=cuda_devices(job.group)))
         distsvi.set_rng_seed(seed)
-        guide_trace = poutine.trace(job.guide).get_trace(*inputs, None, **kwargs)
-        model_trace = poutine.trace(poutine.replay(job.model, trace=guide_trace)).get_trace(
+        model, guide = job.model, job.guide
+        if local:  # fit the held-out rows' local latents first (distsvi.train.heldout)
+            model, guide = stack.enter_context(
+                refitted(model, guide, local, job.split.train, job.split.val,
+                         job.cfg.optim.lr, job.cfg.run.batch_size)
+            )
+        stack.enter_context(torch.no_grad())
+        guide_trace = poutine.trace(guide).get_trace(*inputs, None, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
             *inputs, None, **kwargs
         )
         sites = [name for name, site in model_trace.nodes.items() if site["type"] == "sample"]
-        predictive = Predictive(
-            job.model, guide=job.guide, num_samples=num_samples, return_sites=sites
-        )
+        predictive = Predictive(model, guide=guide, num_samples=num_samples, return_sites=sites)
         samples = predictive(*inputs, None, **kwargs)
     # Predictive draws all samples in one vectorized pass, which leaves a global site
     # (e.g. ``w``, one value for all rows) with a singleton dim for the data plate: give

@@ -22,7 +22,7 @@ from distsvi.train import checkpoint
 from distsvi.train.config import TrainConfig, to_yaml
 from distsvi.train.errors import RunFailed
 from distsvi.train.job import Job, build_job, first_non_finite, posterior_predictive, validate
-from distsvi.train.metrics import Progress, Timer, make_metrics
+from distsvi.train.metrics import Progress, Timer, make_metrics, peak_memory_mb
 from distsvi.train.process import DirLock
 
 
@@ -88,17 +88,21 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                     "optim/grad_norm": float(job.monitor.grad_norm),
                     "health/skipped_steps": float(job.skipped_steps),
                     **timer.read(rows_per_step),
+                    "perf/allreduce_mb": job.dp.allreduce_bytes / 2**20,
+                    "perf/peak_mem_mb": peak_memory_mb(group.device),
                 }
             if (step % cfg.run.val_every == 0 or last) and job.split.num_val > 0:
-                val_loss = validate(job, cfg.run.seed + step)
+                with timer.exclude():
+                    val_loss = validate(job, cfg.run.seed + step)
                 values["loss/val"] = val_loss
                 values["loss/val_per_datapoint"] = val_loss / job.split.num_val
             if values:
                 metrics.scalars(step, values)
                 progress.update(step, values)
             if ckpt.should_save(step, job.total_steps):
-                state = checkpoint.job_state(job, step)
-                ckpt.save(state)
+                with timer.exclude():
+                    state = checkpoint.job_state(job, step)
+                    ckpt.save(state)
         if start >= job.total_steps:
             progress.message(
                 f"nothing to do: the checkpoint in {cfg.checkpoint.dir} is at step {start} of "

@@ -10,6 +10,7 @@ import contextlib
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 TAGS = (
@@ -21,6 +22,8 @@ TAGS = (
     "optim/grad_norm",
     "perf/samples_per_s",
     "perf/step_ms",
+    "perf/allreduce_mb",
+    "perf/peak_mem_mb",
     "health/skipped_steps",
 )
 
@@ -156,14 +159,36 @@ class Progress:
             self.bar.close()
 
 
+def peak_memory_mb(device: Any = None) -> float:
+    """This process's peak memory so far, MiB: CUDA memory on a GPU, resident memory on CPU."""
+    import torch
+
+    if device is not None and getattr(device, "type", "cpu") == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
+
+
 class Timer:
-    """Wall time per step and samples per second between two log steps."""
+    """Wall time per step and samples per second between two log steps, leaving out the
+    time spent on validation and checkpoints (:meth:`exclude`)."""
 
     def __init__(self) -> None:
         self.start, self.steps = time.perf_counter(), 0
 
     def tick(self) -> None:
         self.steps += 1
+
+    @contextlib.contextmanager
+    def exclude(self) -> Iterator[None]:
+        """Time in this block does not count as step time."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - began
 
     def read(self, samples_per_step: int) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)

@@ -180,9 +180,77 @@ class GaussianMixture:
         return {"held-out RMS error of the posterior predictive mean": float(err)}
 
 
+class LocalNormal:
+    """A latent ``z_i`` in R^D per datapoint, observed with Gaussian noise:
+    ``z_i ~ Normal(0, prior_scale)``, ``x_i ~ Normal(z_i, noise_scale)``.
+
+    Conjugate, so every row's exact posterior is known (:meth:`exact_posterior`); with a
+    non-amortized guide (AutoNormal, AutoDelta) its params hold one row per datapoint.
+    """
+
+    local_sites = ("z",)
+
+    def __init__(self, latent_dim: int = 10, prior_scale: float = 1.0, noise_scale: float = 0.5):
+        self.dim, self.prior_scale, self.noise_scale = latent_dim, prior_scale, noise_scale
+
+    def model(self, x, obs=None, *, size, subsample_size=None, subsample=None):
+        with distsvi.plate("data", size, subsample_size=subsample_size, subsample=subsample) as idx:
+            (obs,) = rows(idx, subsample, obs)
+            n = idx.shape[0]
+            prior = dist.Normal(x.new_zeros(n, self.dim), self.prior_scale).to_event(1)
+            z = distsvi.sample("z", prior)
+            return distsvi.sample("obs", dist.Normal(z, self.noise_scale).to_event(1), obs=obs)
+
+    def exact_posterior(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        """Posterior mean and standard deviation of every ``z_i`` given its ``x_i``."""
+        precision = self.prior_scale**-2 + self.noise_scale**-2
+        mean = obs * self.noise_scale**-2 / precision
+        return mean, torch.full_like(mean, precision**-0.5)
+
+    def report(self, samples: dict[str, Tensor], x: Tensor, obs: Tensor) -> dict[str, float]:
+        err = (samples["obs"].mean(0) - obs).pow(2).mean().sqrt()
+        return {"held-out RMS error of the posterior predictive mean": float(err)}
+
+
+class PoissonFactorization:
+    """Poisson matrix factorization of counts, shaped like single-cell models: row ``i``
+    (a cell) has ``num_factors`` latent factors ``theta_i``, the genes share loadings ``W``
+    and a log mean ``b``; ``y_ig ~ Poisson(exp(theta_i @ W_g + b_g))``.
+
+    ``theta`` is a per-datapoint latent: with AutoNormal or AutoDelta its params have one
+    row per cell, the case ``optim.local_updates`` and ``dist.local_params`` are for.
+    """
+
+    local_sites = ("theta",)
+
+    def __init__(self, num_genes: int = 200, num_factors: int = 8):
+        self.num_genes, self.num_factors = num_genes, num_factors
+
+    def model(self, counts, obs=None, *, size, subsample_size=None, subsample=None):
+        k, g = self.num_factors, self.num_genes
+        with distsvi.plate("genes", g, dim=-1):
+            b = distsvi.sample("b", dist.Normal(counts.new_zeros(()), 3.0))
+            with distsvi.plate("factors", k, dim=-2):
+                w = distsvi.sample("W", dist.Normal(counts.new_zeros(()), k**-0.5))
+        with distsvi.plate("data", size, subsample_size=subsample_size, subsample=subsample) as idx:
+            (obs,) = rows(idx, subsample, obs)
+            n = idx.shape[0]
+            theta = distsvi.sample(
+                "theta", dist.Normal(counts.new_zeros(n, k), 1.0).to_event(1)
+            )
+            rate = (theta @ w + b).clamp(max=30.0).exp()
+            return distsvi.sample("obs", dist.Poisson(rate).to_event(1), obs=obs)
+
+    def report(self, samples: dict[str, Tensor], counts: Tensor, obs: Tensor) -> dict[str, float]:
+        err = (samples["obs"].float().mean(0) - obs).abs().mean()
+        return {"held-out mean absolute error of the predicted counts": float(err)}
+
+
 BUILTIN = {
     "logistic_regression": LogisticRegression,
     "hierarchical": Hierarchical,
     "vae": VAE,
     "gmm": GaussianMixture,
+    "local_normal": LocalNormal,
+    "poisson_factorization": PoissonFactorization,
 }

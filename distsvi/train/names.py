@@ -8,8 +8,22 @@ from typing import Any
 
 from distsvi.train.errors import require
 
-BUILTIN_MODELS = ("logistic_regression", "hierarchical", "vae", "gmm")
-BUILTIN_DATA = ("breast_cancer", "synthetic_hierarchical", "digits", "synthetic_gmm")
+BUILTIN_MODELS = (
+    "logistic_regression",
+    "hierarchical",
+    "vae",
+    "gmm",
+    "local_normal",
+    "poisson_factorization",
+)
+BUILTIN_DATA = (
+    "breast_cancer",
+    "synthetic_hierarchical",
+    "digits",
+    "synthetic_gmm",
+    "synthetic_local",
+    "synthetic_counts",
+)
 AUTOGUIDES = (
     "AutoNormal",
     "AutoDelta",
@@ -24,7 +38,12 @@ SCHEDULERS = {"exponential": "ExponentialLR", "step": "StepLR", "cosine": "Cosin
 SCHEDULES = ("none", *SCHEDULERS)
 
 _FIXED_ROWS = {"breast_cancer": 569, "digits": 1797}
-_DEFAULT_POINTS = {"synthetic_hierarchical": 100_000, "synthetic_gmm": 3000}
+_DEFAULT_POINTS = {
+    "synthetic_hierarchical": 100_000,
+    "synthetic_gmm": 3000,
+    "synthetic_local": 10_000,
+    "synthetic_counts": 100_000,
+}
 
 
 def builtin_num_rows(name: str, options: dict[str, Any]) -> int | None:
@@ -50,6 +69,10 @@ def builtin_bytes(name: str, options: dict[str, Any], num_rows: int) -> int:
     elif name == "synthetic_gmm":
         dim = options.get("dim", 2)
         per_row = 8 + 4 * (dim if isinstance(dim, int) else 2)  # z int64, x float32
+    elif name in ("synthetic_local", "synthetic_counts"):
+        key, default = ("latent_dim", 10) if name == "synthetic_local" else ("num_genes", 200)
+        width = options.get(key, default)
+        per_row = 2 * 4 * (width if isinstance(width, int) else default)  # z/rates and x
     else:
         return 0  # small fixed datasets
     return 3 * per_row * num_rows

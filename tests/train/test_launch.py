@@ -72,7 +72,11 @@ def test_two_processes_one_events_file_and_eval_matches(tmp_path, capsys):
     assert len(event_files(tmp_path / "tb")) == 1
     assert proc.stdout.count("step 100/100 ") == 1  # rank 1 stays quiet
     assert proc.stdout.count("held-out accuracy") == 1
-    logged = scalars(tmp_path / "tb")["loss/val"][100]
+    found = scalars(tmp_path / "tb")
+    logged = found["loss/val"][100]
+    # AutoDelta's w (30) and b (1), float32, plus the loss and flag that ride along.
+    assert found["perf/allreduce_mb"][100] * 2**20 == pytest.approx(4 * 31 + 8)
+    assert found["perf/peak_mem_mb"][100] > 50  # torch alone holds more than that
     ck = tmp_path / "ck" / "step_00000100.pt"
     assert cli.main(["eval", job[0], "--checkpoint", str(ck), *job[1:], *dirs(tmp_path)]) == 0
     value = float(capsys.readouterr().out.split()[-1])
