@@ -116,10 +116,13 @@ class _DeltaPlan:
     the ``Delta``'s log-density a constant zero (no transform, no Jacobian kernels).
     """
 
-    __slots__ = ("fn_event_dim", "transform", "zero")
+    __slots__ = ("exp", "fn_event_dim", "transform", "zero")
 
     def __init__(self, transform: Any, fn_event_dim: int, like: torch.Tensor) -> None:
         self.transform = None if _identity(transform) else transform
+        # The positive sites' map (HalfCauchy, Gamma, LogNormal, ...): exp, whose Jacobian
+        # back is log|d log(y)/dy| = -u exactly, written out to skip the transform machinery.
+        self.exp = type(self.transform) is torch.distributions.transforms.ExpTransform
         self.fn_event_dim = fn_event_dim
         self.zero = like.new_zeros(())
 
@@ -128,6 +131,10 @@ class _DeltaPlan:
         t = self.transform
         if t is None:
             return dist.Delta(u, self.zero, event_dim=self.fn_event_dim)
+        if self.exp:
+            return dist.Delta(
+                u.exp(), _sum_rightmost(-u, self.fn_event_dim), event_dim=self.fn_event_dim
+            )
         value = t(u)
         log_density = t.inv.log_abs_det_jacobian(value, u)
         n = log_density.dim() - value.dim() + self.fn_event_dim

@@ -120,7 +120,9 @@ class AutoContinuous(AutoGuide):
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> torch.distributions.Distribution:
         """The posterior over the flattened unconstrained latents (a ``latent_dim`` vector)."""
-        return dist.TransformedDistribution(self.get_base_dist(), self.get_transform(*args, **kwargs))
+        return dist.TransformedDistribution(
+            self.get_base_dist(), self.get_transform(*args, **kwargs)
+        )
 
     def sample_latent(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Draw the flattened unconstrained latent vector (the auxiliary site)."""

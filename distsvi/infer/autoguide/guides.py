@@ -156,7 +156,9 @@ class AutoNormal(AutoGuide):
         result = {}
         for s in self._sites:
             loc, _ = self._loc_scale(s)
-            result[s.name] = loc.detach().clone() if s.plan.transform is None else s.plan.constrain(loc)
+            result[s.name] = (
+                loc.detach().clone() if s.plan.transform is None else s.plan.constrain(loc)
+            )
         return result
 
     @torch.no_grad()
