@@ -32,7 +32,7 @@ import distsvi
 from distsvi import distributed
 from distsvi.distributed.data import rank_seed
 from distsvi.train.config import TrainConfig, diff_configs, from_yaml, to_yaml
-from distsvi.train.errors import ConfigError, first_line
+from distsvi.train.errors import ConfigError, RunFailed, first_line
 from distsvi.train.job import Job, cuda_devices
 
 FORMAT = 1
@@ -112,24 +112,27 @@ def load(path: str | Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's text suggests weights_only=False, i.e. running the file's code: never.
-        what = (
-            "is truncated"
-            if "truncated" in str(e) or "EOF" in str(e)
-            else (
+        if not _is_zip(path):
+            what = "is not a torch checkpoint file (damaged, or another format)"
+        elif "Weights only load failed" in str(e):
+            what = (
                 "is not a distsvi checkpoint: it holds Python objects other than tensors and "
                 "plain containers, which are never loaded"
             )
-        )
+        elif "truncated" in str(e) or "EOF" in str(e):
+            what = "is truncated (a save was interrupted?)"
+        else:
+            what = "is not a torch checkpoint file (damaged, or another format)"
         raise CheckpointError(path, what) from None
+    except (PermissionError, IsADirectoryError) as e:
+        raise CheckpointError(path, f"cannot be read ({e.strerror})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        text = str(e)
-        what = (
-            "is truncated or damaged (not a complete torch file)"
-            if any(w in text for w in ("zip", "archive", "EOF", "truncated", "magic"))
-            or isinstance(e, EOFError)
-            else f"does not load ({type(e).__name__}: {first_line(e)})"
-        )
-        raise CheckpointError(path, what) from None
+        # A torch file is a zip archive: a cut one fails to seek or lacks its directory.
+        raise CheckpointError(
+            path,
+            f"is truncated or damaged: not a complete torch file ({type(e).__name__}: "
+            f"{_without_advice(first_line(e))})",
+        ) from None
     except Exception as e:  # noqa: BLE001 - a damaged file can fail in many ways
         raise CheckpointError(path, f"does not load ({type(e).__name__})") from None
     missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
@@ -140,6 +143,18 @@ def load(path: str | Path) -> dict[str, Any]:
             path, f"has format {state['format']}, this version of distsvi reads {FORMAT}"
         )
     return state
+
+
+def _is_zip(path: Path) -> bool:
+    """torch.save writes a zip archive; a file that does not start as one is not a torch file."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def _without_advice(text: str) -> str:
+    """torch's error text, cut before any advice to load with ``weights_only=False``."""
+    cut = text.find("weights_only")
+    return text[:cut].rstrip(" .,;:(") if cut >= 0 else text
 
 
 class Checkpointer:
@@ -173,7 +188,14 @@ class Checkpointer:
             return None
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.path(state["step"])
-        save_atomic(state, path)
+        try:
+            save_atomic(state, path)
+        except OSError as e:  # a full disk or a quota: the run cannot keep its progress
+            raise RunFailed(
+                f"cannot write checkpoint {path} ({e.strerror or e}); free space in "
+                f"{self.dir} or set checkpoint.dir to another directory, then run again "
+                "(it resumes from the newest checkpoint)"
+            ) from None
         for old in self.files()[self.keep :]:
             old.unlink(missing_ok=True)
         return path

@@ -449,6 +449,15 @@ def first_non_finite(job: Job) -> str:
             return f"first non-finite value: param {name!r} (unconstrained)"
         if not bool(torch.isfinite(store[name]).all()):
             return f"first non-finite value: param {name!r}"
+    # A huge step can also leave a finite param outside its support (a scale that
+    # underflowed to 0), which the next distribution refuses.
+    for name, constraint in store.get_state()["constraints"].items():
+        try:
+            inside = bool(constraint.check(store[name].detach()).all())
+        except (NotImplementedError, RuntimeError):
+            continue
+        if not inside:
+            return f"param {name!r} left its support ({constraint}), e.g. a scale that reached 0"
     size, batch = job.split.num_train, job.cfg.run.batch_size
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=cuda_devices(job.group)):

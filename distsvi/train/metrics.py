@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -41,22 +42,64 @@ class NullMetrics:
 
 
 class TensorBoardMetrics(NullMetrics):
-    """Scalars and text into one TensorBoard event file under ``log_dir``."""
+    """Scalars and text into one TensorBoard event file under ``log_dir``.
+
+    A write that fails (a full disk, a directory removed under the run) warns once and
+    turns the writer off: losing events is no reason to lose the run.
+    """
 
     def __init__(self, log_dir: str) -> None:
         from torch.utils.tensorboard import SummaryWriter  # slow import: rank 0 only
 
+        self.log_dir = log_dir
         self.writer = SummaryWriter(log_dir)
+        _quiet_writer_thread()
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        for tag, value in values.items():
-            self.writer.add_scalar(tag, value, step)
+        if self.writer is not None:
+            self._guard(lambda: [self.writer.add_scalar(t, v, step) for t, v in values.items()])
 
     def text(self, tag: str, text: str) -> None:
-        self.writer.add_text(tag, text)
+        if self.writer is not None:
+            self._guard(lambda: self.writer.add_text(tag, text))
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self._guard(self.writer.close)
+            self.writer = None
+
+    def _guard(self, write: Any) -> None:
+        # The event writer writes in a thread of its own and raises its error at the next
+        # call (or at close); after one error it writes nothing more.
+        try:
+            write()
+        except OSError as e:
+            writer, self.writer = self.writer, None
+            with contextlib.suppress(Exception):
+                writer.close()
+            print(
+                f"distsvi: warning: cannot write TensorBoard events in {self.log_dir} "
+                f"({e.strerror or e}); training goes on without them. Free space there or "
+                "set log.dir to another directory",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def _quiet_writer_thread() -> None:
+    """The event writer's thread re-raises its write error, which Python prints as a
+    thread traceback; :class:`TensorBoardMetrics` reports it once instead."""
+    previous = threading.excepthook
+    if getattr(previous, "distsvi_quiet", False):
+        return
+
+    def hook(args: Any) -> None:
+        if isinstance(args.exc_value, OSError) and "AsyncWriter" in type(args.thread).__name__:
+            return
+        previous(args)
+
+    hook.distsvi_quiet = True
+    threading.excepthook = hook
 
 
 def make_metrics(is_main: bool, log_dir: str) -> NullMetrics:
