@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import inspect
 import os
 import socket
@@ -158,6 +159,23 @@ class RunConfig:
     max_bad_steps: int = 10
     """Steps with a non-finite loss or gradient are skipped; this many in a row stop the
     run (exit code 1, naming the first non-finite site)."""
+    compile: str = "false"
+    """Run training steps through ``torch.compile`` (``SVI(compile=True)``): false, true, or
+    auto, which compiles when the run has at least ``COMPILE_AUTO_MIN_STEPS`` steps (a
+    compile costs tens of seconds and a compiled step saves a fraction of a millisecond,
+    so only long runs repay it). The results are the eager ones (to float round-off)."""
+
+
+# run.compile=auto compiles runs of at least this many steps. Measured with
+# benchmarks/compile_payoff.py on the shipped configs (2-core CPU): compiling costs 20-40 s
+# and saves 0.3-2 ms per step, so it pays back after roughly 10k-100k steps.
+COMPILE_AUTO_MIN_STEPS = 20_000
+
+
+def compiles(run: RunConfig, total_steps: int) -> bool:
+    """Whether a run of ``total_steps`` steps runs compiled under ``run.compile``."""
+    mode = run.compile.lower()
+    return mode == "true" or (mode == "auto" and total_steps >= COMPILE_AUTO_MIN_STEPS)
 
 
 @dataclass
@@ -324,13 +342,15 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(name, f"not valid YAML{where}: {first_line(e)}") from None
+        problem = getattr(e, "problem", None) or first_line(e)
+        raise ConfigError(name, f"not valid YAML{where}: {problem}; fix that line") from None
     finally:
         loader.dispose()
     require(
         isinstance(raw, dict),
-        "<top>",
-        f"{name} must hold a mapping of sections, not {type(raw).__name__}",
+        name,
+        f"must hold a mapping of sections (name:, model:, data:, run: ...), not a "
+        f"{type(raw).__name__}; see `distsvi config quickstart`",
     )
     return raw
 
@@ -411,6 +431,7 @@ SAFE_ON_RESUME = (
     "run.device",
     "run.threads",
     "run.max_bad_steps",
+    "run.compile",
     "optim.clip_norm",
     "checkpoint.dir",
     "checkpoint.every",
@@ -487,7 +508,12 @@ def _omegaconf_errors(where: str) -> Iterator[None]:
     try:
         yield
     except OmegaConfBaseException as e:
-        raise ConfigError(e.full_key or where, first_line(e)) from None
+        text = first_line(e)
+        if "is not a subclass of" in text:  # a section given a plain value (run=3)
+            text = "is a section: set its keys (e.g. run.steps=5), not a value"
+        elif "could not be converted" in text or "Unsupported value type" in text:
+            text += " (the README's config reference gives each key's type)"
+        raise ConfigError(e.full_key or where, text) from None
     except (ValueError, TypeError, OverflowError, RecursionError, AttributeError) as e:
         if isinstance(e, ConfigError):
             raise
@@ -554,13 +580,14 @@ def check_ranges(cfg: TrainConfig, base_dir: Path = Path("."), world_size: int =
         ("data.loader", cfg.data.loader, ("memory", "dataloader")),
         ("run.progress", r.progress, ("auto", "bar", "log", "none")),
         ("run.device", r.device, ("auto", "cpu", "cuda")),
+        ("run.compile", r.compile.lower(), ("false", "true", "auto")),
         ("dist.backend", cfg.dist.backend, ("auto", "gloo", "nccl")),
     ]:
         require(value in allowed, key, f"must be {', '.join(allowed)}; got {value!r}")
     require(
         0 < cfg.dist.bucket_cap_mb < float("inf"), "dist.bucket_cap_mb", "must be > 0 and finite"
     )
-    require(bool(cfg.name.strip()), "name", "must not be empty")
+    require(bool(cfg.name.strip()), "name", "must not be empty; give the job a name")
     require(
         not (o.name == "ClippedAdam" and cfg.schedule.name != "none"),
         "schedule.name",
@@ -748,9 +775,22 @@ def _check_options(fn: Any, options: dict[str, Any], key: str, skip: tuple = ())
         signature.bind_partial(*[None] * len(skip), **options)
     except TypeError as e:
         name = getattr(fn, "__name__", str(fn))
-        hidden = {"self", "model", "params", "optimizer", *skip}
-        allowed = ", ".join(p for p in signature.parameters if p not in hidden)
-        raise ConfigError(key, f"{e} (options of {name}: {allowed or 'none'})") from None
+        hidden = {"self", "model", "params", "optimizer", "lr" if "params" in skip else "", *skip}
+        allowed = [
+            p.name
+            for p in signature.parameters.values()
+            if p.name not in hidden and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+        unknown = [k for k in options if k not in signature.parameters]
+        if unknown:  # name the option itself, and the one it was probably meant to be
+            close = difflib.get_close_matches(unknown[0], allowed, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(
+                f"{key}.{unknown[0]}",
+                f"{name} takes no option {unknown[0]!r}; {hint}its options: "
+                f"{', '.join(allowed) or 'none'}",
+            ) from None
+        raise ConfigError(key, f"{e} (options of {name}: {', '.join(allowed) or 'none'})") from None
 
 
 def _check_optim(cfg: TrainConfig) -> None:
