@@ -125,6 +125,9 @@ class DataParallelSVI:
                     "gradients. Wrap a fresh SVI."
                 )
             svi.grad_hook = self._reduce_grads
+            # Replicated per-datapoint params must move alike on every rank, by every
+            # rank's rows: they are updated densely from the averaged whole gradient.
+            svi.dense_local_updates = True
 
     def step(self, *args: Any, **kwargs: Any) -> float:
         """Take one SVI step on every rank with this rank's shard of the data.

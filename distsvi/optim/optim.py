@@ -20,6 +20,9 @@ from typing import Any
 import torch
 
 from ..params import _PARAM_STORE
+from . import rows as _rows
+
+LOCAL_UPDATES = ("dense", "lazy")
 
 
 def _key(args: dict) -> tuple:
@@ -58,6 +61,13 @@ class PyroOptim:
     :param optim_args: its options, or a callable ``param_name -> options``.
     :param clip_args: optional ``{"clip_norm": x}`` or ``{"clip_value": x}`` applied to each
         param's gradient before the step (as in Pyro).
+    :param local_updates: how per-datapoint params that SVI read as a batch's rows (a
+        ``param(..., event_dim=...)`` in a subsampled plate, an autoguide's locals) are
+        updated. ``"dense"`` (default): their row gradient is scattered into a whole
+        gradient and stepped with the rest, Pyro's numbers exactly (with momentum every
+        row moves every step). ``"lazy"``: only the batch's rows and their optimizer state
+        advance (each row steps as its own optimizer, with its own step count), so a step
+        costs what the batch costs. Equal to dense for SGD without momentum and Adagrad.
     """
 
     def __init__(
@@ -65,6 +75,7 @@ class PyroOptim:
         optim_constructor: type,
         optim_args: dict | Callable[[str], dict],
         clip_args: dict | None = None,
+        local_updates: str = "dense",
     ) -> None:
         if not (isinstance(optim_args, dict) or callable(optim_args)):
             raise TypeError(
@@ -79,6 +90,18 @@ class PyroOptim:
         self._cohort_of: dict[str, _Cohort] = {}
         self._params: dict[str, torch.Tensor] = {}
         self._pending: dict[str, dict] = {}
+        if local_updates not in LOCAL_UPDATES:
+            raise ValueError(
+                f"local_updates must be 'dense' or 'lazy', got {local_updates!r}"
+            )
+        self._row_rule = _rows.row_rule(optim_constructor)
+        if local_updates == "lazy" and self._row_rule is None:
+            raise ValueError(
+                f"local_updates='lazy': {optim_constructor.__name__} has no row update; "
+                "use local_updates='dense'"
+            )
+        self.local_updates = local_updates
+        self._row_state: dict[str, dict] = {}  # name -> lazy state (full-size tensors)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
@@ -100,6 +123,29 @@ class PyroOptim:
             self._clip(params.values())
         for cohort in self._cohorts:
             cohort.optimizer.step(*args, **kwargs)
+
+    def step_rows(self, updates: dict[str, tuple]) -> None:
+        """The lazy update: ``{name: (param, dim, unique row indices, row gradient)}``
+        steps only those rows of each (already known) param and their state, with the
+        param's options (its param group, so schedules apply) and ``clip_args``."""
+        for name, (p, dim, index, grad) in updates.items():
+            if self._params.get(name) is not p:
+                self._add(name, p)
+            group = self._cohort_of[name].find_group(p)
+            state = self._row_state.get(name)
+            if state is None:
+                state = self._row_state[name] = _rows.init_row_state(self._row_rule, p, dim, group)
+            _rows.step_rows(self._row_rule, p, dim, index, self._clip_rows(grad), state, group)
+
+    def _clip_rows(self, grad: torch.Tensor) -> torch.Tensor:
+        # The row gradient has the whole gradient's nonzeros: the same norm, the same clip.
+        clip = self.pt_clip_args
+        if "clip_norm" in clip:
+            norm = torch.linalg.vector_norm(grad, clip.get("norm_type", 2.0))
+            grad = grad * torch.clamp(clip["clip_norm"] / (norm + 1e-6), max=1.0)
+        if "clip_value" in clip:
+            grad = grad.clamp(-clip["clip_value"], clip["clip_value"])
+        return grad
 
     def _clip(self, params: Iterable[torch.Tensor]) -> None:
         clip = self.pt_clip_args
@@ -142,6 +188,7 @@ class PyroOptim:
             group = cohort.find_group(old)
             group["params"][[q is old for q in group["params"]].index(True)] = p
             cohort.optimizer.state.pop(old, None)
+            self._row_state.pop(name, None)
         else:
             cohort = self._cohort_for(name)
             args = self._args_for(name)
@@ -183,6 +230,8 @@ class PyroOptim:
                 "state": {k: (v.clone() if torch.is_tensor(v) else v) for k, v in state.items()},
                 "group": {k: v for k, v in group.items() if k != "params"},
             }
+            if name in self._row_state:
+                out[name]["rows"] = {k: v.clone() for k, v in self._row_state[name].items()}
         for name, entry in self._pending.items():
             out.setdefault(name, entry)
         return out
@@ -205,6 +254,8 @@ class PyroOptim:
         group = cohort.find_group(p)
         for k, v in entry["group"].items():
             group[k] = v
+        if "rows" in entry:
+            self._row_state[name] = {k: v.clone().to(p.device) for k, v in entry["rows"].items()}
 
     def save(self, filename: str) -> None:
         """Write the optimizer state (by param name) to ``filename``."""
@@ -294,10 +345,16 @@ class _ClippedAdamTorch(torch.optim.Optimizer):
                 step_size = lr * math.sqrt(1 - beta2**k) / (1 - beta1**k)
                 p.addcdiv_(exp_avg, denom, value=-step_size)
 
+    row_rule = _rows.CLIPPED_ADAM_RULE
+
 
 def _factory(constructor: type, doc: str, name: str | None = None) -> Callable[..., PyroOptim]:
-    def make(optim_args: dict | Callable[[str], dict], clip_args: dict | None = None) -> PyroOptim:
-        return PyroOptim(constructor, optim_args, clip_args)
+    def make(
+        optim_args: dict | Callable[[str], dict],
+        clip_args: dict | None = None,
+        local_updates: str = "dense",
+    ) -> PyroOptim:
+        return PyroOptim(constructor, optim_args, clip_args, local_updates)
 
     make.__doc__ = doc
     make.__name__ = make.__qualname__ = name or constructor.__name__
@@ -332,7 +389,11 @@ class PyroLRScheduler(PyroOptim):
     """
 
     def __init__(
-        self, scheduler_constructor: type, optim_args: dict, clip_args: dict | None = None
+        self,
+        scheduler_constructor: type,
+        optim_args: dict,
+        clip_args: dict | None = None,
+        local_updates: str = "dense",
     ) -> None:
         args = dict(optim_args)
         try:
@@ -348,7 +409,7 @@ class PyroLRScheduler(PyroOptim):
                 f"scheduler 'optimizer' must be a torch.optim.Optimizer class such as "
                 f"torch.optim.Adam, got {optimizer!r}"
             )
-        super().__init__(optimizer, inner, clip_args)
+        super().__init__(optimizer, inner, clip_args, local_updates)
         self.scheduler_constructor = scheduler_constructor
         self.kwargs = args
         self._saved_cohorts: list[dict] = []  # from set_state, not yet matched to params
@@ -419,8 +480,10 @@ class PyroLRScheduler(PyroOptim):
 
 
 def _scheduler(cls: type) -> Callable[..., PyroLRScheduler]:
-    def make(optim_args: dict, clip_args: dict | None = None) -> PyroLRScheduler:
-        return PyroLRScheduler(cls, optim_args, clip_args)
+    def make(
+        optim_args: dict, clip_args: dict | None = None, local_updates: str = "dense"
+    ) -> PyroLRScheduler:
+        return PyroLRScheduler(cls, optim_args, clip_args, local_updates)
 
     make.__doc__ = f"``torch.optim.lr_scheduler.{cls.__name__}`` with Pyro's interface."
     make.__name__ = make.__qualname__ = cls.__name__

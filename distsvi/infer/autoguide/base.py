@@ -335,6 +335,16 @@ def _select(x: torch.Tensor, plate_dims: tuple, plates: dict, subsampled: set) -
     return x
 
 
+def _row_selects(plate_dims: tuple, plates: dict, subsampled: set) -> list:
+    """``(indices, dim, size)`` of the subsampled plates of a site's param, for
+    :func:`~distsvi.primitives.param_rows` (which then reads only the batch's rows)."""
+    return [
+        (plates[name].indices, dim, plates[name].size)
+        for name, dim in plate_dims
+        if name in subsampled
+    ]
+
+
 _NO_PLATES = nullcontext()
 
 

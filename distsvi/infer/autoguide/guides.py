@@ -16,7 +16,7 @@ from .base import (
     _bijection,
     _DeltaPlan,
     _in_plates,
-    _select,
+    _row_selects,
     _subsampled,
 )
 from .initialization import InitFn, init_to_feasible, init_to_median
@@ -127,18 +127,20 @@ class AutoNormal(AutoGuide):
         return primitives.param(s.scale, s.init_scale, self.scale_constraint)
 
     def _forward(self, plates: dict, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
-        param, sample = primitives.param, primitives.sample
+        param, param_rows, sample = primitives.param, primitives.param_rows, primitives.sample
         subsampled = _subsampled(plates)
         scale_constraint = self.scale_constraint
         result = {}
         for s in self._sites:
             # No event_dim here: the rows are selected below, by this call's plates, so an
             # enclosing subsampled plate must not select them too.
-            loc = param(s.loc, s.init_loc)
-            scale = param(s.scale, s.init_scale, scale_constraint)
             if subsampled:
-                loc = _select(loc, s.plate_dims, plates, subsampled)
-                scale = _select(scale, s.plate_dims, plates, subsampled)
+                rows = _row_selects(s.plate_dims, plates, subsampled)
+                loc = param_rows(s.loc, s.init_loc, constraints.real, rows)
+                scale = param_rows(s.scale, s.init_scale, scale_constraint, rows)
+            else:
+                loc = param(s.loc, s.init_loc)
+                scale = param(s.scale, s.init_scale, scale_constraint)
             q = dist.Normal(loc, scale, validate_args=False).to_event(s.event_dim)
             with _in_plates(plates, s.plate_dims):
                 u = sample(s.aux, q, infer=_AUX)
@@ -215,9 +217,11 @@ class AutoDelta(AutoGuide):
         subsampled = _subsampled(plates)
         result = {}
         for s in self._sites:
-            value = primitives.param(s.param, s.init, s.support)  # rows selected below
             if subsampled:
-                value = _select(value, s.plate_dims, plates, subsampled)
+                rows = _row_selects(s.plate_dims, plates, subsampled)
+                value = primitives.param_rows(s.param, s.init, s.support, rows)
+            else:
+                value = primitives.param(s.param, s.init, s.support)
             with _in_plates(plates, s.plate_dims):
                 result[s.name] = primitives.sample(s.name, dist.Delta(value, event_dim=s.event_dim))
         return result
