@@ -6,3 +6,7 @@ from . import optim as _optim
 
 globals().update({k: v for k, v in vars(_optim).items() if not k.startswith("__")})
 __all__ = list(_optim.__all__)
+
+from .horovod import HorovodOptimizer  # noqa: E402
+
+__all__ += ["HorovodOptimizer"]
