@@ -753,7 +753,7 @@ def _check_options(fn: Any, options: dict[str, Any], key: str, skip: tuple = ())
     except (TypeError, ValueError):
         return  # not introspectable: the call will tell
     try:
-        signature.bind_partial(*[None] * len(skip), **options)
+        bound = signature.bind_partial(*[None] * len(skip), **options)
     except TypeError as e:
         name = getattr(fn, "__name__", str(fn))
         hidden = {"self", "model", "params", "optimizer", "lr" if "params" in skip else "", *skip}
@@ -772,6 +772,29 @@ def _check_options(fn: Any, options: dict[str, Any], key: str, skip: tuple = ())
                 f"{', '.join(allowed) or 'none'}",
             ) from None
         raise ConfigError(key, f"{e} (options of {name}: {', '.join(allowed) or 'none'})") from None
+    for option, value in bound.arguments.items():
+        if option in options:
+            _check_option_type(signature.parameters[option], value, f"{key}.{option}")
+
+
+def _check_option_type(param: inspect.Parameter, value: Any, key: str) -> None:
+    """An option whose default (or annotation) is a plain number, flag or string takes a
+    value of that kind: ``num_groups: abc`` is refused here, not deep inside a step."""
+    annotation = param.annotation if isinstance(param.annotation, str) else getattr(
+        param.annotation, "__name__", ""
+    )
+    default = param.default
+    if "float" in str(annotation) or isinstance(default, float) and not isinstance(default, bool):
+        want, ok = "a number", isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, bool):
+        want, ok = "true or false", isinstance(value, bool)
+    elif isinstance(default, int):
+        want, ok = "an integer", isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, str) and str(annotation) in ("", "str"):
+        want, ok = "a string", isinstance(value, str)
+    else:
+        return
+    require(ok, key, f"must be {want} (default {default!r}), got {value!r}")
 
 
 def _check_optim(cfg: TrainConfig) -> None:

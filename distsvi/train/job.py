@@ -198,6 +198,14 @@ def build_model(cfg: TrainConfig) -> tuple[Any, Callable]:
             obj = target(**cfg.model.options)
         except TypeError as e:
             raise ConfigError("model.options", f"{cfg.model.name}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - a built-in class refusing its options
+            if cfg.model.name not in BUILTIN:
+                raise  # the user's class: its traceback shows where
+            raise ConfigError(
+                "model.options",
+                f"{cfg.model.name} cannot be built with {cfg.model.options}: "
+                f"{type(e).__name__}: {first_line(e)}",
+            ) from None
         if callable(getattr(obj, "model", None)):
             return obj, obj.model
         if isinstance(obj, PyroModule):
