@@ -2,10 +2,23 @@
 
 Usage::
 
-    python benchmarks/scaling.py                       # the table in the README
-    python benchmarks/scaling.py --sizes 512 --steps 50
+    python benchmarks/scaling.py                       # the tables in the README
+    python benchmarks/scaling.py --case amortized --sizes 512 --steps 50
+    python benchmarks/scaling.py --case latency        # the quickstart's model and batch
+    python benchmarks/scaling.py --case wide           # hidden width 2560, 5 buckets
 
-The model is compute-bound: an amortized MLP encoder (guide) and decoder (model), hidden
+Three cases (``--case``, all by default):
+
+- ``amortized``: the model below, at the ``--sizes`` given;
+- ``latency``: the quickstart's model and batch (Bayesian logistic regression, 30
+  features, AutoNormal, 64 rows per rank): a step of a few hundred microseconds whose
+  all-reduce carries a few hundred bytes, so what counts is fixed cost per step. The run
+  also times a bare Gloo all-reduce of the same bytes; goal: the 2-rank step costs at
+  most the 1-rank step plus twice that all-reduce;
+- ``wide``: the amortized model with two more hidden layers of width 2560 in encoder and
+  decoder, 105 MB of gradients: five buckets at the default 25 MiB bucket size.
+
+The amortized model is compute-bound: an amortized MLP encoder (guide) and decoder (model), hidden
 width 256, a 10-d local latent per datapoint and 100-d binary data, with the ELBO
 estimated at the plate's subsample. Five ways to train it, one thread per rank:
 
@@ -31,8 +44,8 @@ Each rank is pinned to a core of its own (:func:`distsvi.distributed.pin_to_core
 ``dist.pin_cpus=true`` does; ``--no-pin`` leaves placement to the OS) and calls
 :func:`distsvi.distributed.tune_allocator`, as ``distsvi.distributed.init`` does on CPU
 (``--no-tune-allocator`` to compare).
-Goals (issue 5): world-size-1 overhead at most 5%; distsvi's 2-rank speed-up at least 0.95
-of DDP's on the same model and batch.
+Goals: world-size-1 overhead at most 5%; distsvi's 2-rank speed-up at least that of DDP
+on the same model and batch (distsvi/DDP >= 1.0) in every case.
 """
 
 from __future__ import annotations
@@ -45,6 +58,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -52,6 +66,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 DATA_DIM, LATENT_DIM, HIDDEN = 100, 10, 256
+WIDE, WIDE_LAYERS = 2560, 2  # extra hidden layers of the wide case, in encoder and decoder
+LR = {"amortized": 1e-3, "wide": 1e-5}  # a small step keeps the wide net finite while timed
+FEATURES, QUICKSTART_ROWS = 30, 455  # the quickstart: breast cancer's training rows
 
 
 def make_data(n: int) -> torch.Tensor:
@@ -59,17 +76,109 @@ def make_data(n: int) -> torch.Tensor:
     return torch.bernoulli(torch.full((n, DATA_DIM), 0.3), generator=g)
 
 
-def encoder() -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(DATA_DIM, HIDDEN), nn.Softplus(), nn.Linear(HIDDEN, 2 * LATENT_DIM)
+def _mlp(sizes: list[int]) -> nn.Module:
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes, sizes[1:]):
+        layers += [nn.Linear(a, b), nn.Softplus()]
+    return nn.Sequential(*layers[:-1])
+
+
+def _hidden(case: str) -> list[int]:
+    return [HIDDEN] if case == "amortized" else [WIDE] * (WIDE_LAYERS + 1)
+
+
+def encoder(case: str = "amortized") -> nn.Module:
+    return _mlp([DATA_DIM, *_hidden(case), 2 * LATENT_DIM])
+
+
+def decoder(case: str = "amortized") -> nn.Module:
+    return _mlp([LATENT_DIM, *_hidden(case), DATA_DIM])
+
+
+def quickstart_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """Standardized features and labels of the quickstart's shape (synthetic, no download)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(QUICKSTART_ROWS, FEATURES, generator=g)
+    w = torch.randn(FEATURES, generator=g)
+    return x, torch.bernoulli(torch.sigmoid(x @ w), generator=g)
+
+
+def latency_distsvi_stepper(
+    tag: str, parallel: bool, data: tuple, batch: int
+) -> Callable[[], float]:
+    """The quickstart's model (the job's built-in logistic regression) and AutoNormal."""
+    import distsvi as pyro
+    from distsvi.distributed import DataParallelSVI
+    from distsvi.infer import SVI, Trace_ELBO
+    from distsvi.infer.autoguide import AutoNormal
+    from distsvi.optim import Adam
+    from distsvi.train.models import LogisticRegression
+
+    lr = LogisticRegression()
+    model = lr.model
+    guide = AutoNormal(model)
+    guide._pyro_name = f"{tag}.AutoNormal"  # params of its own, beside the other stepper's
+    svi = SVI(model, guide, Adam({"lr": 0.05}), Trace_ELBO())
+    stepper = DataParallelSVI(svi) if parallel else svi
+    x, y = data
+    return lambda: stepper.step(x, y, size=x.shape[0], subsample_size=batch)
+
+
+class HandWrittenLogistic(nn.Module):
+    """The floor of the latency case: mean-field Normal over ``w`` and ``b`` (softplus
+    scales, as AutoNormal), single-sample ELBO of the logistic regression, in plain torch."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.loc = nn.Parameter(torch.zeros(FEATURES + 1))
+        self.raw_scale = nn.Parameter(torch.full((FEATURES + 1,), -2.25))
+        self.scale = scale
+
+    def forward(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        normal = torch.distributions.Normal
+        q = normal(self.loc, nn.functional.softplus(self.raw_scale))
+        wb = q.rsample()
+        logits = xb @ wb[:-1] + wb[-1]
+        log_lik = -nn.functional.binary_cross_entropy_with_logits(logits, yb, reduction="sum")
+        elbo = self.scale * log_lik + normal(0.0, 1.0).log_prob(wb).sum() - q.log_prob(wb).sum()
+        return -elbo
+
+
+def latency_ddp_stepper(data: tuple, batch: int) -> Callable[[], float]:
+    x, y = data
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    shard = torch.arange(rank, x.shape[0], world_size)
+    model = nn.parallel.DistributedDataParallel(
+        HandWrittenLogistic(world_size * len(shard) / batch)
     )
+    optim = torch.optim.Adam(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(rank)
+
+    def step() -> float:
+        rows = shard[torch.randperm(len(shard), generator=g)[:batch]]
+        loss = model(x[rows], y[rows])
+        loss.backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
 
 
-def decoder() -> nn.Module:
-    return nn.Sequential(nn.Linear(LATENT_DIM, HIDDEN), nn.Softplus(), nn.Linear(HIDDEN, DATA_DIM))
+def allreduce_stepper(numel: int) -> Callable[[], float]:
+    """A bare all-reduce of ``numel`` floats and its wait: the latency floor of a step."""
+    buf = torch.zeros(numel)
+
+    def step() -> float:
+        dist.all_reduce(buf)
+        return 0.0
+
+    return step
 
 
-def distsvi_stepper(tag: str, parallel: bool, x: torch.Tensor, batch: int) -> Callable[[], float]:
+def distsvi_stepper(
+    tag: str, parallel: bool, x: torch.Tensor, batch: int, case: str = "amortized"
+) -> Callable[[], float]:
     """A step of distsvi's SVI on the model, with its own params (named after ``tag``)."""
     import distsvi as pyro
     import distsvi.distributions as D
@@ -77,7 +186,7 @@ def distsvi_stepper(tag: str, parallel: bool, x: torch.Tensor, batch: int) -> Ca
     from distsvi.infer import SVI, Trace_ELBO
     from distsvi.optim import Adam
 
-    enc, dec = encoder(), decoder()
+    enc, dec = encoder(case), decoder(case)
     n = x.shape[0]
 
     def model(x, batch):
@@ -92,7 +201,7 @@ def distsvi_stepper(tag: str, parallel: bool, x: torch.Tensor, batch: int) -> Ca
             loc, log_scale = enc(x[idx]).chunk(2, -1)
             pyro.sample("z", D.Normal(loc, log_scale.exp()).to_event(1))
 
-    svi = SVI(model, guide, Adam({"lr": 1e-3}), Trace_ELBO())
+    svi = SVI(model, guide, Adam({"lr": LR[case]}), Trace_ELBO())
     stepper = DataParallelSVI(svi) if parallel else svi
     return lambda: stepper.step(x, batch)
 
@@ -100,9 +209,9 @@ def distsvi_stepper(tag: str, parallel: bool, x: torch.Tensor, batch: int) -> Ca
 class HandWrittenVAE(nn.Module):
     """The floor: the same model and single-sample ELBO estimator, in plain torch."""
 
-    def __init__(self, scale: float) -> None:
+    def __init__(self, scale: float, case: str = "amortized") -> None:
         super().__init__()
-        self.enc, self.dec, self.scale = encoder(), decoder(), scale
+        self.enc, self.dec, self.scale = encoder(case), decoder(case), scale
 
     def forward(self, xb: torch.Tensor) -> torch.Tensor:
         normal = torch.distributions.Normal
@@ -115,12 +224,14 @@ class HandWrittenVAE(nn.Module):
         return -self.scale * elbo.sum()
 
 
-def ddp_stepper(x: torch.Tensor, batch: int) -> Callable[[], float]:
+def ddp_stepper(x: torch.Tensor, batch: int, case: str = "amortized") -> Callable[[], float]:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     shard = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))
     shard = shard[rank::world_size]
-    model = nn.parallel.DistributedDataParallel(HandWrittenVAE(world_size * len(shard) / batch))
-    optim = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model = nn.parallel.DistributedDataParallel(
+        HandWrittenVAE(world_size * len(shard) / batch, case)
+    )
+    optim = torch.optim.Adam(model.parameters(), lr=LR[case])
     position = 0
 
     def step() -> float:
@@ -142,6 +253,7 @@ def _rank(
     rank: int,
     world_size: int,
     port: int,
+    case: str,
     batch: int,
     steps: int,
     block: int,
@@ -170,10 +282,24 @@ def _rank(
     import distsvi
 
     distsvi.set_rng_seed(rank)
-    x = make_data(max(32768, 2 * world_size * batch))
-    steppers = {"dp": distsvi_stepper("dp", True, x, batch), "ddp": ddp_stepper(x, batch)}
-    if world_size == 1:
-        steppers["plain"] = distsvi_stepper("plain", False, x, batch)
+    if case == "latency":
+        data = quickstart_data()
+        steppers = {
+            "dp": latency_distsvi_stepper("dp", True, data, batch),
+            "ddp": latency_ddp_stepper(data, batch),
+        }
+        if world_size == 1:
+            steppers["plain"] = latency_distsvi_stepper("plain", False, data, batch)
+        else:  # the step's gradients (loc and scale of 31 values) and the 2-float trailer
+            steppers["allreduce"] = allreduce_stepper(2 * (FEATURES + 1) + 2)
+    else:
+        x = make_data(max(8192 if case == "wide" else 32768, 2 * world_size * batch))
+        steppers = {
+            "dp": distsvi_stepper("dp", True, x, batch, case),
+            "ddp": ddp_stepper(x, batch, case),
+        }
+        if world_size == 1:
+            steppers["plain"] = distsvi_stepper("plain", False, x, batch, case)
     names = list(steppers)
     blocks = -(-steps // block)
     times: dict[str, list[float]] = {name: [] for name in names}  # s/step, one per block
@@ -203,7 +329,14 @@ def can_pin(world_size: int) -> bool:
 
 
 def measure(
-    world_size: int, batch: int, steps: int, block: int, warmup: int, pin: bool, tune: bool
+    case: str,
+    world_size: int,
+    batch: int,
+    steps: int,
+    block: int,
+    warmup: int,
+    pin: bool,
+    tune: bool,
 ) -> dict[str, list[float]]:
     """Seconds per step on rank 0 of each implementation at this world size, one figure
     per block, the blocks in the order they ran."""
@@ -214,6 +347,7 @@ def measure(
             args=(
                 world_size,
                 _free_port(),
+                case,
                 batch,
                 steps,
                 block,
@@ -250,24 +384,41 @@ def _goals(s: dict[tuple[str, int], float]) -> tuple[float, float]:
     return overhead, (s["plain", 1] / s["ddp", 1]) * (s["ddp", 2] / s["dp", 2])
 
 
+CASES = {  # case: (batch sizes per rank, timed steps, block) for each size
+    "amortized": None,  # from --sizes/--steps/--block
+    "latency": ([64], [3000], [50]),
+    "wide": ([128], [12], [2]),
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="distsvi data-parallel scaling vs torch DDP")
     parser.add_argument(
-        "--sizes", type=int, nargs="+", default=[512, 8192], help="datapoints per rank per step"
+        "--case",
+        choices=[*CASES, "all"],
+        default="all",
+        help="which model (see the module docstring); all of them by default",
+    )
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[512, 8192],
+        help="amortized case: datapoints per rank per step",
     )
     parser.add_argument(
         "--steps",
         type=int,
         nargs="+",
         default=[1000, 100],
-        help="timed steps of each implementation, for each size",
+        help="amortized case: timed steps of each implementation, for each size",
     )
     parser.add_argument(
         "--block",
         type=int,
         nargs="+",
         default=[20, 2],
-        help="timed steps of a block, for each size",
+        help="amortized case: timed steps of a block, for each size",
     )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each block")
     parser.add_argument(
@@ -281,12 +432,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    def per_size(values: list[int], flag: str) -> dict[int, int]:
+    def per_size(sizes: list[int], values: list[int], flag: str) -> dict[int, int]:
         if min(values) < 1:
             parser.error(f"{flag} must be >= 1, got {min(values)}")
-        return dict(zip(args.sizes, values + values[-1:] * len(args.sizes)))
-
-    steps, block = per_size(args.steps, "--steps"), per_size(args.block, "--block")
+        return dict(zip(sizes, values + values[-1:] * len(sizes)))
 
     pinned = "each rank pinned to a core" if args.pin and can_pin(2) else "ranks not pinned"
     tuned = "allocator tuned" if args.tune else "allocator untuned"
@@ -296,43 +445,66 @@ def main(argv: list[str] | None = None) -> None:
         f"in blocks; load average {os.getloadavg()[0]:.1f} at start"
     )
     header = (
-        f"{'implementation':<26}{'ranks':>6}{'batch/rank':>12}{'ms/step':>10}"
+        f"{'case':<10}{'implementation':<26}{'ranks':>6}{'batch/rank':>12}{'ms/step':>10}"
         f"{'datapoints/s':>14}{'speed-up':>10}"
     )
     print(header)
     print("-" * len(header))
     summary = []
-    for batch in args.sizes:
-        times: dict[tuple[str, int], list[float]] = {}  # (impl, ranks): s/step per block
-        for world_size in (1, 2):
-            measured = measure(
-                world_size, batch, steps[batch], block[batch], args.warmup, args.pin, args.tune
-            )
-            for impl, per_block in measured.items():
-                times[impl, world_size] = per_block
-        seconds = {key: statistics.fmean(ts) for key, ts in times.items()}
-        for label, impl, world_size in ROWS:
-            s = seconds[impl, world_size]
-            base = seconds["plain", 1] if impl == "dp" else seconds[impl, 1]
-            print(
-                f"{label:<26}{world_size:>6}{batch:>12}{1e3 * s:>10.2f}"
-                f"{world_size * batch / s:>14.0f}{world_size * base / s:>9.2f}x"
-            )
-        parts = {key: _fifths(ts) for key, ts in times.items()}
-        overhead, ratio = _goals(seconds)
-        by_part = [
-            _goals({key: p[i] for key, p in parts.items()}) for i in range(len(parts["dp", 1]))
-        ]
-        ours = 2 * seconds["plain", 1] / seconds["dp", 2]
-        floor = 2 * seconds["ddp", 1] / seconds["ddp", 2]
-        summary.append(
-            f"batch {batch}: world-size-1 overhead {100 * overhead:+.1f}% (goal <= 5%; by "
-            f"fifths {', '.join(f'{100 * o:+.1f}%' for o, _ in by_part)}); 2-rank "
-            f"speed-up distsvi {ours:.2f}x vs DDP {floor:.2f}x; distsvi/DDP {ratio:.2f} "
-            f"(goal >= 0.95; by fifths {', '.join(f'{r:.2f}' for _, r in by_part)})"
-        )
-        print(flush=True)
+    for case in CASES if args.case == "all" else [args.case]:
+        if CASES[case] is None:
+            sizes, steps_, block_ = args.sizes, args.steps, args.block
+        else:
+            sizes, steps_, block_ = CASES[case]
+        steps = per_size(sizes, steps_, "--steps")
+        block = per_size(sizes, block_, "--block")
+        for batch in sizes:
+            summary += _run_case(case, batch, steps[batch], block[batch], args)
     print("\n".join(summary))
+
+
+def _run_case(case: str, batch: int, steps: int, block: int, args: Any) -> list[str]:
+    """Time one case at one batch size on 1 and 2 ranks; print its rows, return its summary."""
+    times: dict[tuple[str, int], list[float]] = {}  # (impl, ranks): s/step per block
+    for world_size in (1, 2):
+        measured = measure(
+            case, world_size, batch, steps, block, args.warmup, args.pin, args.tune
+        )
+        for impl, per_block in measured.items():
+            times[impl, world_size] = per_block
+    seconds = {key: statistics.fmean(ts) for key, ts in times.items()}
+    for label, impl, world_size in ROWS:
+        s = seconds[impl, world_size]
+        base = seconds["plain", 1] if impl == "dp" else seconds[impl, 1]
+        print(
+            f"{case:<10}{label:<26}{world_size:>6}{batch:>12}{1e3 * s:>10.2f}"
+            f"{world_size * batch / s:>14.0f}{world_size * base / s:>9.2f}x"
+        )
+    if ("allreduce", 2) in seconds:
+        s = seconds["allreduce", 2]
+        print(f"{case:<10}{'bare all-reduce, same bytes':<26}{2:>6}{'':>12}{1e3 * s:>10.3f}")
+    print(flush=True)
+    parts = {key: _fifths(ts) for key, ts in times.items()}
+    overhead, ratio = _goals(seconds)
+    by_part = [
+        _goals({key: p[i] for key, p in parts.items()}) for i in range(len(parts["dp", 1]))
+    ]
+    ours = 2 * seconds["plain", 1] / seconds["dp", 2]
+    floor = 2 * seconds["ddp", 1] / seconds["ddp", 2]
+    lines = [
+        f"{case}, batch {batch}: world-size-1 overhead {100 * overhead:+.1f}% (goal <= 5%; by "
+        f"fifths {', '.join(f'{100 * o:+.1f}%' for o, _ in by_part)}); 2-rank "
+        f"speed-up distsvi {ours:.2f}x vs DDP {floor:.2f}x; distsvi/DDP {ratio:.2f} "
+        f"(goal >= 1.0; by fifths {', '.join(f'{r:.2f}' for _, r in by_part)})"
+    ]
+    if ("allreduce", 2) in seconds:
+        extra = seconds["dp", 2] - seconds["dp", 1]
+        lines.append(
+            f"{case}, batch {batch}: the 2-rank step costs the 1-rank step + "
+            f"{1e3 * extra:.3f} ms = {extra / seconds['allreduce', 2]:.1f} bare all-reduces "
+            f"of its bytes ({1e3 * seconds['allreduce', 2]:.3f} ms; goal <= 2)"
+        )
+    return lines
 
 
 if __name__ == "__main__":

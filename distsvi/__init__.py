@@ -18,7 +18,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("distributions", "infer", "nn", "optim", "poutine", "settings")
+_SUBMODULES = ("distributions", "infer", "nn", "optim", "poutine", "settings", "util")
 _NAMES = {
     "clear_param_store": ".params",
     "get_param_store": ".params",
@@ -56,6 +56,7 @@ __all__ = [
     "set_rng_seed",
     "settings",
     "subsample",
+    "util",
     "validation_enabled",
 ]
 

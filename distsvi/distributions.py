@@ -13,8 +13,8 @@ from typing import Any, ClassVar
 
 import torch
 import torch.distributions as _td
-from torch.distributions import register_kl
 from torch.distributions import kl_divergence as _torch_kl
+from torch.distributions import register_kl
 from torch.distributions.utils import broadcast_all
 
 from . import constraints  # torch's constraints plus Pyro's softplus_positive, ...
@@ -257,3 +257,9 @@ def _kl_delta(p: Delta, q: _td.Distribution) -> torch.Tensor:
 
 
 __all__ += ["broadcast_all"]
+
+# Pyro's own distributions (imported last: that module builds on DistributionMixin)
+from . import _distributions_extra
+from ._distributions_extra import *
+
+__all__ += _distributions_extra.__all__

@@ -177,9 +177,17 @@ class ShardedPlates(Messenger):
         self._walks: dict[str, _Walk] = {}
         self._drawn: dict[str, tuple[Tensor, float]] = {}
 
-    def next_step(self) -> None:
-        """Let the next draw of each plate advance to new indices."""
+    def next_step(self, ahead: bool = False) -> None:
+        """Let the next draw of each plate advance to new indices.
+
+        :param ahead: draw them now, for every plate that has drawn before, rather than at
+            the plate's first message: a compiled step then finds its indices made (a draw
+            traced into the graph would recompile it for every data position).
+        """
         self._drawn.clear()
+        if ahead and self.training:
+            for name, walk in self._walks.items():
+                self._drawn[name] = walk.next()
 
     def indices(self, name: str) -> Tensor | None:
         """The indices plate ``name`` drew in this step, or ``None`` if it drew none."""
@@ -191,6 +199,10 @@ class ShardedPlates(Messenger):
             kw = msg["kwargs"]
             # In training a plate without subsample_size is evaluated whole on every rank.
             if self.training and kw["subsample_size"] >= kw["size"] and msg["value"] is None:
+                return
+            drawn = self._drawn.get(msg["name"])
+            if drawn is not None and (msg["value"] is None or msg["value"] is drawn[0]):
+                msg["value"], msg["scale"] = drawn  # drawn already in this step
                 return
             self._fill(msg)
 

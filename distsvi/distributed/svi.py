@@ -133,7 +133,7 @@ class DataParallelSVI:
         """
         if not self.group.is_distributed:
             return self.svi.step(*args, **kwargs)
-        self.shards.next_step()
+        self.shards.next_step(ahead=self.svi._compiled is not None)
         with self.shards:
             self.svi.step(*args, **kwargs)
             if self._rerun:  # new params were broadcast: redo the step at their values

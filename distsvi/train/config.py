@@ -159,6 +159,23 @@ class RunConfig:
     max_bad_steps: int = 10
     """Steps with a non-finite loss or gradient are skipped; this many in a row stop the
     run (exit code 1, naming the first non-finite site)."""
+    compile: str = "false"
+    """Run training steps through ``torch.compile`` (``SVI(compile=True)``): false, true, or
+    auto, which compiles when the run has at least ``COMPILE_AUTO_MIN_STEPS`` steps (a
+    compile costs tens of seconds and a compiled step saves a fraction of a millisecond,
+    so only long runs repay it). The results are the eager ones (to float round-off)."""
+
+
+# run.compile=auto compiles runs of at least this many steps. Measured with
+# benchmarks/compile_payoff.py on the shipped configs (2-core CPU): compiling costs 20-40 s
+# and saves 0.3-2 ms per step, so it pays back after roughly 10k-100k steps.
+COMPILE_AUTO_MIN_STEPS = 20_000
+
+
+def compiles(run: RunConfig, total_steps: int) -> bool:
+    """Whether a run of ``total_steps`` steps runs compiled under ``run.compile``."""
+    mode = run.compile.lower()
+    return mode == "true" or (mode == "auto" and total_steps >= COMPILE_AUTO_MIN_STEPS)
 
 
 @dataclass
@@ -414,6 +431,7 @@ SAFE_ON_RESUME = (
     "run.device",
     "run.threads",
     "run.max_bad_steps",
+    "run.compile",
     "optim.clip_norm",
     "checkpoint.dir",
     "checkpoint.every",
@@ -562,6 +580,7 @@ def check_ranges(cfg: TrainConfig, base_dir: Path = Path("."), world_size: int =
         ("data.loader", cfg.data.loader, ("memory", "dataloader")),
         ("run.progress", r.progress, ("auto", "bar", "log", "none")),
         ("run.device", r.device, ("auto", "cpu", "cuda")),
+        ("run.compile", r.compile.lower(), ("false", "true", "auto")),
         ("dist.backend", cfg.dist.backend, ("auto", "gloo", "nccl")),
     ]:
         require(value in allowed, key, f"must be {', '.join(allowed)}; got {value!r}")

@@ -26,7 +26,7 @@ from distsvi.infer import (
     autoguide,
 )
 from distsvi.nn import PyroModule
-from distsvi.train.config import TrainConfig, check_batch, check_model_signature
+from distsvi.train.config import TrainConfig, check_batch, check_model_signature, compiles
 from distsvi.train.data import Split, load_data
 from distsvi.train.errors import ConfigError, RunFailed, first_line, import_target
 from distsvi.train.heldout import heldout_loss, local_sites, refitted, shard_rows
@@ -64,6 +64,8 @@ class Job:
     _batches: Iterator | None = field(default=None, repr=False)
     # Per-datapoint latent sites of a non-amortized guide: None until first asked.
     local: tuple | None = field(default=None, repr=False)
+    # run.compile: steps run through torch.compile from the job's second step on.
+    compile: bool = False
 
     def step(self) -> float:
         """One training step on this rank's next minibatch; the loss averaged over ranks."""
@@ -77,12 +79,17 @@ class Job:
             else:
                 # One process walks an epoch permutation as the ranks do, instead of the
                 # plate's randperm(N) per step, which costs more than the step for large N.
-                self.dp.shards.next_step()
+                self.dp.shards.next_step(ahead=self.svi._compiled is not None)
                 with self.dp.shards:
                     loss = self.dp.step(*data, size=size, subsample_size=batch)
         else:
             idx, batch = self._next_batch()
             loss = self.dp.step(*batch, size=size, subsample=idx)
+        if self.compile and self.svi._compile_options is None:
+            # Compiled from the next step on: this first one creates the params and, on
+            # several ranks, reruns at rank 0's values through ReplayOnRerun (an eager seam),
+            # so a resumed run repeats the uninterrupted run's draws either way.
+            self.svi._compile_options = {}
         return loss
 
     def _next_batch(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -320,7 +327,7 @@ def build_job(cfg: TrainConfig, group: distributed.ProcessGroup) -> Job:
         )
         steps_per_epoch = len(loader)
     total = cfg.run.steps if cfg.run.steps > 0 else cfg.run.epochs * steps_per_epoch
-    return Job(
+    job = Job(
         cfg,
         group,
         split,
@@ -337,6 +344,8 @@ def build_job(cfg: TrainConfig, group: distributed.ProcessGroup) -> Job:
         total,
         steps_per_epoch,
     )
+    job.compile = compiles(cfg.run, total)
+    return job
 
 
 def validate(job: Job, seed: int) -> float:
