@@ -799,8 +799,10 @@ def _check_options(fn: Any, options: dict[str, Any], key: str, skip: tuple = ())
 def _check_option_type(param: inspect.Parameter, value: Any, key: str) -> None:
     """An option whose default (or annotation) is a plain number, flag or string takes a
     value of that kind: ``num_groups: abc`` is refused here, not deep inside a step."""
-    annotation = param.annotation if isinstance(param.annotation, str) else getattr(
-        param.annotation, "__name__", ""
+    annotation = (
+        param.annotation
+        if isinstance(param.annotation, str)
+        else getattr(param.annotation, "__name__", "")
     )
     default = param.default
     if "float" in str(annotation) or isinstance(default, float) and not isinstance(default, bool):

@@ -205,7 +205,7 @@ def build_model(cfg: TrainConfig) -> tuple[Any, Callable]:
             obj = target(**cfg.model.options)
         except TypeError as e:
             raise ConfigError("model.options", f"{cfg.model.name}: {e}") from None
-        except Exception as e:  # noqa: BLE001 - a built-in class refusing its options
+        except Exception as e:
             if cfg.model.name not in BUILTIN:
                 raise  # the user's class: its traceback shows where
             raise ConfigError(

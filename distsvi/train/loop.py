@@ -22,8 +22,8 @@ from distsvi.train import checkpoint
 from distsvi.train.config import TrainConfig, to_yaml
 from distsvi.train.errors import ConfigError, RunFailed, first_line
 from distsvi.train.job import Job, build_job, first_non_finite, posterior_predictive, validate
-from distsvi.train.models import BUILTIN
 from distsvi.train.metrics import Progress, Timer, make_metrics, peak_memory_mb
+from distsvi.train.models import BUILTIN
 from distsvi.train.process import DirLock
 
 

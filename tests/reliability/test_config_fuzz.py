@@ -125,7 +125,9 @@ def test_a_mutated_config_trains_or_is_refused_in_one_line(tmp_path, capsys, sou
         assert "optim.lr" in done[-1] or any("optim" in d for d in done), f"{done}:\n{err}"
     if code == 2:
         lines = err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("distsvi: config error at "), f"{done}:\n{err}"
+        assert len(lines) == 1 and lines[0].startswith("distsvi: config error at "), (
+            f"{done}:\n{err}"
+        )
         assert elapsed < 5
         assert not list((tmp_path / "ck").glob("step_*.pt")), done
     elif code == 0:
