@@ -268,11 +268,10 @@ def _pyro_entry(name: str, entry: Any) -> dict:
     if "param_groups" in entry and "state" in entry:
         return entry
     if "group" in entry and "state" in entry:  # written before the layout was Pyro's
-        state = entry["state"]
-        return {
-            "state": {0: state} if state else {},
-            "param_groups": [{**entry["group"], "params": [0]}],
-        }
+        state, group = entry["state"], dict(entry["group"])
+        if "lrd" in group and "lr" in group:  # ClippedAdam then saved its undecayed lr
+            group["lr"] *= group["lrd"] ** int(state.get("step", 0))
+        return {"state": {0: state} if state else {}, "param_groups": [{**group, "params": [0]}]}
     raise ValueError(
         f"optimizer state of param {name!r} has keys {sorted(entry)}; expected a torch "
         "optimizer state_dict ('state', 'param_groups'), as get_state() writes"
