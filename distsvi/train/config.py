@@ -167,9 +167,10 @@ class RunConfig:
 
 
 # run.compile=auto compiles runs of at least this many steps. Measured with
-# benchmarks/compile_payoff.py on the shipped configs (2-core CPU): compiling costs 20-40 s
-# and saves 0.3-2 ms per step, so it pays back after roughly 10k-100k steps.
-COMPILE_AUTO_MIN_STEPS = 20_000
+# benchmarks/compile_payoff.py on the shipped configs (2-core CPU, one thread): the compile
+# costs 11-36 s and a compiled step is 1.7-3x faster, which repays the compile after
+# 2,300-3,900 steps; the threshold leaves a margin for models that gain less.
+COMPILE_AUTO_MIN_STEPS = 5_000
 
 
 def compiles(run: RunConfig, total_steps: int) -> bool:

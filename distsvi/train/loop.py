@@ -82,6 +82,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             last = step == job.total_steps
             values: dict[str, float] = {}
             if step % cfg.run.log_every == 0 or last:
+                # Sync point (log steps only): the gradient norm stays on the device otherwise.
                 values = {
                     "loss/train": loss,
                     "loss/train_per_datapoint": loss / job.split.num_train,
