@@ -16,6 +16,7 @@ from .base import (
     _bijection,
     _DeltaPlan,
     _in_plates,
+    _normal,
     _select,
     _subsampled,
 )
@@ -139,7 +140,7 @@ class AutoNormal(AutoGuide):
             if subsampled:
                 loc = _select(loc, s.plate_dims, plates, subsampled)
                 scale = _select(scale, s.plate_dims, plates, subsampled)
-            q = dist.Normal(loc, scale, validate_args=False).to_event(s.event_dim)
+            q = _normal(loc, scale).to_event(s.event_dim)
             with _in_plates(plates, s.plate_dims):
                 u = sample(s.aux, q, infer=_AUX)
                 result[s.name] = sample(s.name, s.plan.delta(u))
