@@ -44,7 +44,7 @@ class _Cohort:
     where each param has its own scheduler started when the param first appears: params
     that appear before the schedule is next stepped start their schedules together, so
     they share one optimizer and one scheduler here. A cohort is *open* until its schedule
-    first steps (``stepped`` False: newcomers join it) and *closed* after (a newcomer
+    first steps (``closed`` False: newcomers join it) and *closed* after (a newcomer
     starts a new cohort). A param resumed from saved state joins the cohort that resumes
     its saved schedule (see ``PyroLRScheduler._resumed``).
     """
@@ -53,7 +53,7 @@ class _Cohort:
         self.optimizer: torch.optim.Optimizer | None = None
         self.group_of: dict[tuple, dict] = {}
         self.scheduler: Any = None
-        self.stepped = False  # closed: the schedule advanced since this cohort began
+        self.closed = False  # the schedule advanced since this cohort began: no newcomers
 
     def group_index(self, p: torch.Tensor) -> int:
         for i, group in enumerate(self.optimizer.param_groups):
