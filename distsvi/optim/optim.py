@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from ..params import _PARAM_STORE
-from .adagrad_rmsprop import AdagradRMSProp as _AdagradRMSPropTorch
 from . import rows as _rows
+from .adagrad_rmsprop import AdagradRMSProp as _AdagradRMSPropTorch
 from .clipped_adam import PerParamClippedAdam
 
 LOCAL_UPDATES = ("dense", "lazy")
@@ -97,9 +97,7 @@ class PyroOptim:
                 f"optim_args must be a dict or a callable name -> dict, got {optim_args!r}"
             )
         if local_updates not in LOCAL_UPDATES:
-            raise ValueError(
-                f"local_updates must be 'dense' or 'lazy', got {local_updates!r}"
-            )
+            raise ValueError(f"local_updates must be 'dense' or 'lazy', got {local_updates!r}")
         if local_updates == "lazy" and not _rows.supports_lazy(optim_constructor):
             raise ValueError(
                 f"local_updates='lazy' is not available for {optim_constructor.__name__}; "
@@ -409,6 +407,7 @@ class ParamOptimizer:
 
     def __repr__(self) -> str:
         return f"<{type(self._torch).__name__} of param {self._name!r}>"
+
 
 def _grad_view(grad: torch.Tensor) -> torch.Tensor:
     """A stand-in param (no storage of its own) whose ``grad`` is a row gradient, so that
