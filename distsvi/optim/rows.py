@@ -106,7 +106,7 @@ _FAMILIES: dict[str, tuple[RowFn, dict]] = {
         lambda *a: _adam(*a, decoupled=True),
         {"exp_avg": _zeros, "exp_avg_sq": _zeros, "max_exp_avg_sq": _zeros},
     ),
-    "ClippedAdam": (  # distsvi's per-param ClippedAdam: the k-th step's lr is lr * lrd**k
+    "PerParamClippedAdam": (  # the k-th step's lr is lr * lrd**k (not clipped_adam.ClippedAdam)
         lambda *a: _adam(*a, clipped=True),
         {"exp_avg": _zeros, "exp_avg_sq": _zeros},
     ),
