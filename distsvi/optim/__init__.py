@@ -13,3 +13,7 @@ for _module in (_optim, _lr_scheduler):
 __all__ = list(_optim.__all__)
 __all__ += _lr_scheduler.__all__
 lr_scheduler, optim = _lr_scheduler, _optim
+
+from .horovod import HorovodOptimizer  # noqa: E402
+
+__all__ += ["HorovodOptimizer"]
