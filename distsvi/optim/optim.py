@@ -83,9 +83,7 @@ class PyroOptim:
                 f"optim_args must be a dict or a callable name -> dict, got {optim_args!r}"
             )
         if local_updates not in LOCAL_UPDATES:
-            raise ValueError(
-                f"local_updates must be 'dense' or 'lazy', got {local_updates!r}"
-            )
+            raise ValueError(f"local_updates must be 'dense' or 'lazy', got {local_updates!r}")
         if local_updates == "lazy" and not _rows.supports_lazy(optim_constructor):
             raise ValueError(
                 f"local_updates='lazy' is not available for {optim_constructor.__name__}; "
