@@ -17,7 +17,7 @@ from distsvi.params import rows as _rows
 from .data import ShardedPlates
 from .process_group import ProcessGroup, current
 from .reduce import (
-    all_reduce_mean,
+    BucketReducer,
     all_reduce_scalars,
     broadcast_,
     bucket_indices,
@@ -58,7 +58,12 @@ class DataParallelSVI:
     With world size 1 nothing is wrapped: :meth:`step` is ``svi.step``, bit for bit, and
     plates draw as they would without it (:meth:`evaluate_loss` still evaluates all the
     data). ``SVI(compile=True)`` works unchanged: the shard draws stay outside the graph.
-    Communication starts after backward, so it does not overlap the backward pass.
+    With several buckets, a bucket's all-reduce starts during backward as soon as its
+    gradients are all produced (``overlap_backward``; see
+    :class:`~distsvi.distributed.reduce.BucketReducer`): buckets follow the reverse of the
+    params' order of use, so the first ones fill first and their communication overlaps
+    the rest of backward, as in ``DistributedDataParallel``. The bucket that carries the
+    loss starts after backward.
     Per-rank Monte-Carlo noise comes from seeding each rank with
     :func:`~distsvi.distributed.rank_seed` (see :func:`~distsvi.distributed.seed_rank`).
 
@@ -86,6 +91,11 @@ class DataParallelSVI:
         this long before blocking; a blocked rank's idle core is slow to wake on virtual
         machines (see :func:`~distsvi.distributed.reduce.wait_all`). 0 blocks at once;
         ignored on GPU, where waiting does not block the host.
+    :param bool overlap_backward: start a bucket's all-reduce during backward once its
+        gradients are ready. Used only when the loss runs one backward per step (an ELBO
+        with ``num_particles=1`` or vectorized particles); a loss that runs backward more
+        than once otherwise raises, so pass ``False`` for a custom ``loss_and_grads``
+        that does.
 
     Example::
 
@@ -107,6 +117,7 @@ class DataParallelSVI:
         seed: int = 0,
         max_bad_steps: int = 10,
         busy_wait_ms: float = 20.0,
+        overlap_backward: bool = True,
         local_params: str = "replicated",
     ) -> None:
         if isinstance(shard_plates, str):
@@ -135,6 +146,12 @@ class DataParallelSVI:
         self._layout: list[str] = []  # sorted names agreed by all ranks
         self._layout_params: list[Tensor] = []
         self._buckets: list[list[int]] = []
+        # Overlap needs every gradient final when its hook fires: one backward per step.
+        elbo = svi._elbo
+        self.overlap_backward = bool(overlap_backward) and (
+            getattr(elbo, "num_particles", 1) == 1 or getattr(elbo, "vectorize_particles", False)
+        )
+        self._reducer = BucketReducer([], [], self.group)
         self._synced: set[str] = set()  # params broadcast from rank 0 already
         self._modules: list[torch.nn.Module] = []  # whose buffers follow rank 0
         self._rerun = False
@@ -159,10 +176,10 @@ class DataParallelSVI:
             return self.svi.step(*args, **kwargs)
         self.shards.next_step(ahead=self.svi._compiled is not None)
         with self.shards:
-            self.svi.step(*args, **kwargs)
+            self._step_once(args, kwargs)
             if self._rerun:  # new params were broadcast: redo the step at their values
                 self._rerun = False
-                self.svi.step(*args, **kwargs)
+                self._step_once(args, kwargs)
                 if self._rerun:
                     self._rerun = False
                     raise RuntimeError(
@@ -174,6 +191,13 @@ class DataParallelSVI:
             if buffers:
                 broadcast_(buffers, self.group, self.cap_bytes)
         return self._loss
+
+    def _step_once(self, args: tuple, kwargs: dict) -> None:
+        self._reducer.arm()  # buckets may start during this step's backward
+        try:
+            self.svi.step(*args, **kwargs)
+        finally:
+            self._reducer.disarm()
 
     @property
     def allreduce_bytes(self) -> int:
@@ -226,9 +250,7 @@ class DataParallelSVI:
         layout = self._layout
         grads = [_grad_or_zeros(params.get(n), p) for n, p in zip(layout, self._layout_params)]
         trailer = torch.stack((loss.detach().reshape(()), loss.new_tensor(float(changed))))
-        averaged, trailer = all_reduce_mean(
-            grads, self._buckets, trailer, self.group, self.busy_wait_s
-        )
+        averaged, trailer = self._reducer.reduce(grads, trailer)
         # Sync point: the one host read of the step, the same numbers on every rank.
         mean_loss, any_changed, total = trailer.tolist()
         self._loss = mean_loss
@@ -245,8 +267,7 @@ class DataParallelSVI:
 
     def _relayout(self, params: dict[str, Tensor]) -> bool:
         """Agree on the new set of params; return whether the step must be rerun."""
-        layout = sorted(params)
-        check_same_names(layout, self.group)
+        layout = self._agreed_order(params)
         added = set(layout) - set(self._layout)
         new = sorted(added - self._synced)
         self._layout = layout
@@ -258,6 +279,14 @@ class DataParallelSVI:
             if any(n.startswith(param_with_module_name(name, "")) for n in layout)
         ]
         self._buckets = bucket_indices(self._layout_params, self.cap_bytes)
+        self._reducer.close()
+        self._reducer = BucketReducer(
+            self._layout_params,
+            self._buckets,
+            self.group,
+            self.busy_wait_s,
+            overlap=self.overlap_backward,
+        )
         if new:
             # Invariant 3: rank 0's initial values, before any update uses them.
             broadcast_([params[n] for n in new], self.group, self.cap_bytes)
@@ -265,6 +294,20 @@ class DataParallelSVI:
         # Gradients of params outside the old layout were not reduced: rerun the step.
         self._rerun = bool(added)
         return self._rerun
+
+    def _agreed_order(self, params: dict[str, Tensor]) -> list[str]:
+        """The params in an order every rank agrees on: the reverse of their order of use
+        (backward produces the last-used gradients first, so the first buckets fill first
+        and their all-reduce overlaps the rest of backward), or sorted by name where the
+        order of use differs between ranks."""
+        used = list(reversed(params))
+        try:
+            check_same_names(used, self.group)
+            return used
+        except RuntimeError:  # every rank sees the same mismatch (one reduced digest)
+            layout = sorted(params)
+            check_same_names(layout, self.group)
+            return layout
 
     def _bad_step(self, params: dict[str, Tensor]) -> None:
         """Skip this step on every rank (all ranks saw the same sums), or stop."""

@@ -192,6 +192,7 @@ def test_lazy_sgd_and_adagrad_equal_dense(make, guide):
             {"lr": 0.01, "centered": True, "momentum": 0.5}, local_updates="lazy"
         ),
         lambda: optim.Adadelta({"lr": 1.0}, local_updates="lazy"),
+        lambda: optim.AdagradRMSProp({"eta": 0.5}, local_updates="lazy"),
         lambda: optim.ClippedAdam(
             {"lr": 0.05, "lrd": 0.99, "clip_norm": 1.0}, local_updates="lazy"
         ),
@@ -256,11 +257,11 @@ def test_lazy_state_round_trips_through_get_state():
     opt = optim.Adam({"lr": 0.05}, local_updates="lazy")
     run(AutoNormal, opt, 3)
     state = opt.get_state()
-    steps = state["AutoNormal.locs.z"]["state"]["step"]
+    steps = state["AutoNormal.locs.z"]["state"][0]["step"]
     assert steps.shape == (N,) and steps.sum() == 3 * B
     opt2 = optim.Adam({"lr": 0.05}, local_updates="lazy")
     opt2.set_state(state)
-    assert opt2._pending["AutoNormal.locs.z"]["state"]["step"].shape == (N,)
+    assert opt2._pending["AutoNormal.locs.z"]["state"][0]["step"].shape == (N,)
 
 
 def test_bad_local_updates_is_a_clear_error():

@@ -144,6 +144,18 @@ class _DeltaPlan:
         return u if self.transform is None else self.transform(u)
 
 
+def _normal(loc: torch.Tensor, scale: torch.Tensor) -> Any:
+    """``Normal(loc, scale)`` for a guide's own params, which have one shape and valid values
+    by construction: made without ``broadcast_all`` and argument checks, a few times faster
+    to build (the same distribution; a compiled step builds it the usual way)."""
+    if loc.shape != scale.shape or torch.compiler.is_compiling():
+        return dist.Normal(loc, scale, validate_args=False)
+    q = dist.Normal.__new__(dist.Normal)
+    q.loc, q.scale = loc, scale
+    torch.distributions.Distribution.__init__(q, loc.shape, validate_args=False)
+    return q
+
+
 def _periodic_repeat(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
     """Tile ``x`` along ``dim`` up to length ``size`` (a subsample's init to full size)."""
     n = x.size(dim)

@@ -16,6 +16,7 @@ from .base import (
     _bijection,
     _DeltaPlan,
     _in_plates,
+    _normal,
     _select,
     _subsampled,
 )
@@ -154,7 +155,7 @@ class AutoNormal(AutoGuide):
             else:
                 loc = param(s.loc, s.init_loc)
                 scale = param(s.scale, s.init_scale, scale_constraint)
-            q = dist.Normal(loc, scale, validate_args=False).to_event(s.event_dim)
+            q = _normal(loc, scale).to_event(s.event_dim)
             with _in_plates(plates, s.plate_dims):
                 u = sample(s.aux, q, infer=_AUX)
                 result[s.name] = sample(s.name, s.plan.delta(u))
