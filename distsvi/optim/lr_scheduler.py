@@ -23,6 +23,7 @@ class PyroLRScheduler(PyroOptim):
     :param scheduler_constructor: a ``torch.optim.lr_scheduler`` class.
     :param optim_args: ``{"optimizer": torch.optim.X, "optim_args": {...}, **scheduler_kwargs}``,
         as in Pyro.
+    :param local_updates: ``"dense"`` or ``"lazy"``, as for :class:`~distsvi.optim.PyroOptim`.
 
     Call :meth:`step` (with the metric for ``ReduceLROnPlateau``) to advance the schedule.
     As in Pyro, a param's schedule starts when the param first appears: params created

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from ..params import _PARAM_STORE
-from . import rows as _rows
 from .adagrad_rmsprop import AdagradRMSProp as _AdagradRMSPropTorch
+from . import rows as _rows
 from .clipped_adam import PerParamClippedAdam
 
 LOCAL_UPDATES = ("dense", "lazy")
@@ -295,14 +295,6 @@ class PyroOptim:
         return self.optimizer.param_groups[0]["lr"]
 
 
-def _grad_view(grad: torch.Tensor) -> torch.Tensor:
-    """A stand-in param (no storage of its own) whose ``grad`` is a row gradient, so that
-    row gradients are clipped by the same code as whole ones."""
-    view = grad.new_empty(()).expand(grad.shape)
-    view.grad = grad
-    return view
-
-
 def _clone(v: Any) -> Any:
     return v.clone() if torch.is_tensor(v) else v
 
@@ -415,6 +407,13 @@ class ParamOptimizer:
 
     def __repr__(self) -> str:
         return f"<{type(self._torch).__name__} of param {self._name!r}>"
+
+def _grad_view(grad: torch.Tensor) -> torch.Tensor:
+    """A stand-in param (no storage of its own) whose ``grad`` is a row gradient, so that
+    row gradients are clipped by the same code as whole ones."""
+    view = grad.new_empty(()).expand(grad.shape)
+    view.grad = grad
+    return view
 
 
 def _name_of(p: torch.Tensor) -> str:

@@ -114,7 +114,7 @@ _FAMILIES: dict[str, tuple[RowFn, dict]] = {
         lambda *a: _adam(*a, decoupled=True),
         {"exp_avg": _zeros, "exp_avg_sq": _zeros, "max_exp_avg_sq": _zeros},
     ),
-    "_ClippedAdamTorch": (
+    "ClippedAdam": (  # distsvi's per-param ClippedAdam: the k-th step's lr is lr * lrd**k
         lambda *a: _adam(*a, clipped=True),
         {"exp_avg": _zeros, "exp_avg_sq": _zeros},
     ),
@@ -130,7 +130,6 @@ _FAMILIES: dict[str, tuple[RowFn, dict]] = {
     "Adadelta": (_adadelta, {"square_avg": _zeros, "acc_delta": _zeros}),
     "AdagradRMSProp": (_adagrad_rmsprop, {"sum": _zeros}),
 }
-_FAMILIES["ClippedAdam"] = _FAMILIES["_ClippedAdamTorch"]
 
 
 def supports_lazy(constructor: type) -> bool:

@@ -257,7 +257,7 @@ def test_lazy_state_round_trips_through_get_state():
     opt = optim.Adam({"lr": 0.05}, local_updates="lazy")
     run(AutoNormal, opt, 3)
     state = opt.get_state()
-    steps = state["AutoNormal.locs.z"]["state"][0]["step"]
+    steps = state["AutoNormal.locs.z"]["state"][0]["step"]  # Pyro's layout: one param, index 0
     assert steps.shape == (N,) and steps.sum() == 3 * B
     opt2 = optim.Adam({"lr": 0.05}, local_updates="lazy")
     opt2.set_state(state)
