@@ -9,19 +9,17 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch.distributions import constraints
 
 from . import distributions as dist
 from .params import _PARAM_STORE, param_with_module_name
+from .params import rows as _rows
 from .poutine.runtime import _STACK, CondIndepStackFrame, Message, Messenger, _draw, apply_stack
 
 _VALIDATION = {"enabled": True}
-
-# The row reads of the running SVI step (see record_row_reads); None outside one.
-_ROW_READS: list | None = None
 
 
 def enable_validation(is_validate: bool = True) -> None:
@@ -139,102 +137,24 @@ def param(
     return msg["value"]
 
 
-class RowRead(NamedTuple):
-    """Rows of a param read by one statement: ``rows`` is the step's leaf for
-    ``store[name].index_select(dim, index)`` (unconstrained), so its gradient is the
-    param's gradient in those rows and nowhere else."""
-
-    name: str
-    dim: int  # counted from the left, in the unconstrained tensor
-    index: torch.Tensor
-    rows: torch.Tensor
-
-
-@contextlib.contextmanager
-def record_row_reads() -> Iterator[list[RowRead]]:
-    """Inside the block, a store param read through a subsampled plate (``param(...,
-    event_dim=...)`` in the plate, or an autoguide's local) is read as only the batch's
-    rows of its unconstrained tensor, constrained afterwards, and the list yielded gets a
-    :class:`RowRead` for each such read: the forward and backward cost what the batch
-    costs. Outside the block (Predictive, the param store, evaluation) params are read
-    whole. Used by SVI's step, which hands the row gradients to the optimizer."""
-    global _ROW_READS
-    old, _ROW_READS = _ROW_READS, []
-    try:
-        yield _ROW_READS
-    finally:
-        _ROW_READS = old
-
-
-def _rows_transform_ok(transform: Any, row_dim: int) -> bool:
-    """Whether constraining only some rows at negative dim ``row_dim`` gives exactly those
-    rows of the constrained whole: the transform must act within each row."""
-    if transform is None:
-        return True
-    return (
-        transform.domain.event_dim == transform.codomain.event_dim
-        and -row_dim > transform.codomain.event_dim
-    )
-
-
-def _read_param(msg: Message, selects: list) -> torch.Tensor:
-    """The value of param message ``msg`` whose rows ``selects`` (``(indices, negative dim,
-    plate size)``) are wanted: only those rows when a step records row reads and exactly
-    one selection applies, else the whole value (the caller then indexes it)."""
-    name, init_tensor, constraint = msg["args"]
-    store = _PARAM_STORE
-    if name not in store._params:
-        store.get_param(name, init_tensor, constraint)  # created whole, once
-    full = store._params[name]
-    live = [s for s in selects if full.dim() >= -s[1] and full.shape[s[1]] != 1]
-    reads = _ROW_READS
-    if (
-        reads is None
-        or len(live) != 1
-        or full.shape[live[0][1]] != live[0][2]
-        or torch.compiler.is_compiling()
-    ):
-        return store.get_param(name, init_tensor, constraint)
-    index, dim, _ = live[0]
-    transform = store._transforms[name]
-    if not _rows_transform_ok(transform, dim):
-        return store.get_param(name, init_tensor, constraint)
-    dim = full.dim() + dim
-    rows = full.detach().index_select(dim, index).requires_grad_()
-    reads.append(RowRead(name, dim, index, rows))
-    msg["_rows_read"] = True
-    return rows if transform is None else transform(rows)
-
-
-def _row_reader(msg: Message) -> Callable:
-    return lambda *args, **kwargs: _read_param(msg, msg["_row_selects"])
-
-
-def param_rows(
+def _param_rows(
     name: str,
     init_tensor: torch.Tensor | Callable[[], torch.Tensor] | None,
     constraint: constraints.Constraint,
-    selects: Sequence[tuple[torch.Tensor, int, int]],
-) -> torch.Tensor:
-    """A param statement whose value is wanted only in some rows: ``selects`` lists
-    ``(indices, negative dim, full size)``; the result is the param indexed by each.
-    Reads only those rows while a step records row reads (see :func:`record_row_reads`);
-    autoguides read their per-datapoint params through it."""
-    if not selects:
-        return param(name, init_tensor, constraint)
-    if not _STACK:
-        value = _PARAM_STORE.get_param(name, init_tensor, constraint)
-    else:
-        msg = new_message("param", name, None, (name, init_tensor, constraint), {"event_dim": None})
-        msg["_row_selects"] = list(selects)
-        msg["fn"] = _PARAM_STORE.get_param if _ROW_READS is None else _row_reader(msg)
-        apply_stack(msg)
-        value = msg["value"]
-        if msg.get("_rows_read"):
-            return value
-    for index, dim, _ in selects:
-        value = value.index_select(dim, index)
-    return value
+    picks: list[tuple[int, torch.Tensor, int, str]],
+) -> tuple[torch.Tensor, bool]:
+    """``param(name, ...)`` for a reader that selects a subsample's rows itself (the
+    autoguides' locals): ``picks`` are ``(dim, indices, full size, plate name)``. Returns the value and
+    whether it already is just those rows (an SVI step's row-sparse read)."""
+    if not _STACK or not picks or not _rows.is_recording():
+        return param(name, init_tensor, constraint), False
+    request = _rows.RowRequest()
+    request.picks.extend(picks)
+    args = (name, init_tensor, constraint)
+    kwargs = {"event_dim": None, "rows": request}
+    msg = new_message("param", name, _PARAM_STORE.get_param, args, kwargs)
+    apply_stack(msg)
+    return msg["value"], request.done
 
 
 def factor(name: str, log_factor: torch.Tensor, *, has_rsample: bool | None = None) -> None:
@@ -356,20 +276,6 @@ class _PlateFrame(Messenger):
             msg["cond_indep_stack"] = (self._frame,) + msg["cond_indep_stack"]
             if self._scale != 1.0:
                 msg["scale"] = self._scale * msg["scale"]
-        elif (
-            msg["type"] == "param"
-            and _ROW_READS is not None
-            and getattr(self, "_subsampled", False)
-            and msg["kwargs"].get("event_dim") is not None
-        ):
-            # A step records row reads: read only this batch's rows (see _read_param).
-            if "_row_selects" not in msg:
-                if msg["fn"] != _PARAM_STORE.get_param:
-                    return  # not a store param (e.g. a module's own)
-                msg["_row_selects"] = []
-                msg["fn"] = _row_reader(msg)
-            dim = self.dim - msg["kwargs"]["event_dim"]
-            msg["_row_selects"].append((self.indices, dim, self.size))
 
 
 class _SequentialPlate(_PlateFrame):
@@ -502,13 +408,33 @@ class plate(_PlateFrame):
             with _SequentialPlate(frame, scale):
                 yield i
 
+    def process_message(self, msg: Message) -> None:
+        super().process_message(msg)
+        if (
+            msg["type"] == "param"
+            and self._subsampled
+            and msg["kwargs"].get("event_dim") is not None
+            and msg["value"] is None
+            and _rows.is_recording()
+        ):
+            # An SVI step: ask the store for this subsample's rows only (read before the
+            # constraint, as a leaf of their own), so that the step costs the batch.
+            request = msg["kwargs"].get("rows")
+            if request is None:
+                request = _rows.RowRequest()
+                msg["kwargs"] = {**msg["kwargs"], "rows": request}
+            request.picks.append(
+                (self.dim - msg["kwargs"]["event_dim"], self.indices, self.size, self.name)
+            )
+
     def postprocess_message(self, msg: Message) -> None:
         # A param declared with event_dim inside a subsampled plate has full-size batch
         # dims: hand out only the rows of this subsample (Pyro's rule).
         if msg["type"] != "param" or msg["kwargs"]["event_dim"] is None or self.size == -1:
             return
-        if msg.get("_rows_read"):
-            return  # read as this batch's rows already
+        request = msg["kwargs"].get("rows")
+        if request is not None and request.done:
+            return  # the store handed out this subsample's rows already
         event_dim = msg["kwargs"]["event_dim"]
         dim = self.dim - event_dim
         value = msg["value"]

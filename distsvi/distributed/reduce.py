@@ -76,6 +76,137 @@ def wait_all(works: Sequence[dist.Work], busy_wait_s: float = 0.0) -> None:
         work.wait()
 
 
+class BucketReducer:
+    """The averaging all-reduce of a fixed list of gradients, one collective per bucket.
+
+    With ``overlap``, a bucket's all-reduce starts during backward, as soon as autograd
+    has produced every gradient in it (a post-accumulate-grad hook on each tensor), the way
+    ``DistributedDataParallel`` overlaps communication with the rest of backward. Buckets
+    start strictly in index order, so every rank issues the same collectives in the same
+    order whatever the timing; a bucket whose gradients are not all produced (a param a
+    step did not touch) starts in :meth:`reduce`, with zeros where a gradient is missing.
+    The bucket that carries the trailer (the loss, known only after backward) always
+    starts in :meth:`reduce`. Hooks act only between :meth:`arm` and :meth:`reduce`, so a
+    backward outside a data-parallel step (a user's own) issues nothing.
+
+    :param tensors: the gradients' tensors (leaf params), in an order agreed by all ranks.
+    :param buckets: their split, from :func:`bucket_indices`.
+    :param group: the process group.
+    :param float busy_wait_s: poll for completion this long before blocking (see
+        :func:`wait_all`).
+    :param bool overlap: start buckets during backward (needs one backward per step).
+    """
+
+    def __init__(
+        self,
+        tensors: Sequence[Tensor],
+        buckets: list[list[int]],
+        group: ProcessGroup,
+        busy_wait_s: float = 0.0,
+        overlap: bool = False,
+    ) -> None:
+        self.tensors, self.buckets, self.group = list(tensors), buckets, group
+        self.busy_wait_s = busy_wait_s
+        float_like = torch.empty(0, device=group.device)
+        self.carrier = _trailer_bucket(self.tensors, buckets, float_like)
+        # Buckets below this one may start during backward.
+        self.early = self.carrier if self.carrier >= 0 else len(buckets)
+        self.armed = False
+        self.started_in_backward = 0
+        self._handles = []
+        if overlap and self.early > 0:
+            bucket_of = {i: b for b, idx in enumerate(buckets) for i in idx}
+            for i, t in enumerate(self.tensors):
+                if bucket_of[i] < self.early and t.requires_grad:
+                    hook = self._hook(bucket_of[i])
+                    self._handles.append(t.register_post_accumulate_grad_hook(hook))
+        self._reset()
+
+    def _reset(self) -> None:
+        self.ready = [0] * len(self.buckets)
+        self.started = 0  # buckets 0 .. started-1 are in flight
+        self.flats: list[Tensor] = []
+        self.works: list[dist.Work] = []
+
+    def arm(self) -> None:
+        """A step begins: let the hooks start buckets during its backward."""
+        self._reset()
+        self.armed = True
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    def close(self) -> None:
+        """Remove the hooks (the layout changed)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _hook(self, b: int):
+        def on_grad(_: Tensor) -> None:
+            if not self.armed:
+                return
+            if b < self.started:
+                raise RuntimeError(
+                    "a gradient was accumulated again after its bucket's all-reduce began: "
+                    "the step ran backward more than once; pass DataParallelSVI("
+                    "overlap_backward=False) for a loss that does"
+                )
+            self.ready[b] += 1
+            while self.started < self.early and self.ready[self.started] == len(
+                self.buckets[self.started]
+            ):
+                idx = self.buckets[self.started]
+                self._start([self.tensors[i].grad for i in idx])
+
+        return on_grad
+
+    def _start(self, parts: list[Tensor]) -> None:
+        parts = [t.reshape(-1) for t in parts]
+        flat = torch.cat(parts) if len(parts) > 1 else parts[0]
+        self.works.append(dist.all_reduce(flat, group=self.group.torch_group, async_op=True))
+        self.flats.append(flat)
+        self.started += 1
+
+    def reduce(self, grads: Sequence[Tensor], trailer: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Average ``grads`` (one per tensor, zeros for a missing one) and ``trailer`` over
+        ranks: start the buckets not yet in flight, wait for all, divide by the world size.
+
+        :returns: ``(averaged, trailer)``: views of the averaged values in the order of the
+            tensors, and the averaged trailer followed by one more number, the sum of all
+            averaged values, which is finite only if every one is. A non-finite value on
+            any rank makes the sum over ranks non-finite, so whether to skip a step is
+            decided the same on every rank without a further collective.
+        """
+        self.armed = False
+        self.started_in_backward = self.started  # for tests and benchmarks
+        for b in range(self.started, len(self.buckets)):
+            parts = [grads[i] for i in self.buckets[b]]
+            if b == self.carrier:
+                parts.append(trailer.to(parts[0].dtype))
+            self._start(parts)
+        if self.carrier < 0:
+            self._start([trailer.clone()])
+        wait_all(self.works, self.busy_wait_s)
+        flats, tensors, world = self.flats, self.tensors, self.group.world_size
+        averaged: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
+        for b, idx in enumerate(self.buckets):
+            flat = flats[b].div_(world)
+            offset = 0
+            for i in idx:
+                n = tensors[i].numel()
+                averaged[i] = flat[offset : offset + n].view_as(tensors[i])
+                offset += n
+        if self.carrier < 0:
+            flats[-1].div_(world)
+        trailer_out = flats[self.carrier][-trailer.numel() :].to(trailer.dtype)
+        # A sum is non-finite if any term is (or if finite terms overflow, which a step
+        # should not survive either), and is cheaper than an elementwise test.
+        total = torch.stack([f.sum().to(trailer.device, trailer.dtype) for f in flats]).sum()
+        self._reset()
+        return averaged, torch.cat((trailer_out, total.reshape(1)))
+
+
 def all_reduce_mean(
     tensors: Sequence[Tensor],
     buckets: list[list[int]],
@@ -88,49 +219,10 @@ def all_reduce_mean(
     Each bucket is flattened and its all-reduce issued asynchronously before the next is
     flattened; then all are awaited and divided by the world size (Gloo has no average).
     ``trailer`` (a few scalars, such as the loss) rides in the last float bucket, so it
-    costs no collective of its own unless no bucket can carry it.
-
-    :param tensors: the tensors to average, identical in shape and order on all ranks.
-    :param buckets: their split, from :func:`bucket_indices`.
-    :param trailer: a 1-d float tensor to average along with them.
-    :param group: the process group.
-    :param float busy_wait_s: poll for completion this long before blocking (see
-        :func:`wait_all`; for CPU collectives, where waiting blocks the host).
-    :returns: ``(averaged, trailer)``: views of the averaged values in the order of
-        ``tensors``, and the averaged trailer followed by one more number, the sum of all
-        averaged values, which is finite only if every one is. A non-finite value on any
-        rank makes the sum over ranks non-finite, so whether to skip a step is decided the
-        same on every rank without a further collective.
+    costs no collective of its own unless no bucket can carry it. See
+    :meth:`BucketReducer.reduce` for what is returned.
     """
-    carrier = _trailer_bucket(tensors, buckets, trailer)
-    flats, works = [], []
-    for b, idx in enumerate(buckets):
-        parts = [tensors[i].reshape(-1) for i in idx]
-        if b == carrier:
-            parts.append(trailer.to(parts[0].dtype))
-        flat = torch.cat(parts) if len(parts) > 1 else parts[0]
-        works.append(dist.all_reduce(flat, group=group.torch_group, async_op=True))
-        flats.append(flat)
-    if carrier < 0:
-        flat = trailer.clone()
-        works.append(dist.all_reduce(flat, group=group.torch_group, async_op=True))
-        flats.append(flat)
-    wait_all(works, busy_wait_s)
-    averaged: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
-    for b, idx in enumerate(buckets):
-        flat = flats[b].div_(group.world_size)
-        offset = 0
-        for i in idx:
-            n = tensors[i].numel()
-            averaged[i] = flat[offset : offset + n].view_as(tensors[i])
-            offset += n
-    if carrier < 0:
-        flats[-1].div_(group.world_size)
-    trailer_out = flats[carrier][-trailer.numel() :].to(trailer.dtype)
-    # A sum is non-finite if any term is (or if finite terms overflow, which a step should
-    # not survive either), and is cheaper than an elementwise test.
-    total = torch.stack([f.sum().to(trailer.device, trailer.dtype) for f in flats]).sum()
-    return averaged, torch.cat((trailer_out, total.reshape(1)))
+    return BucketReducer(tensors, buckets, group, busy_wait_s).reduce(tensors, trailer)
 
 
 def broadcast_(

@@ -12,11 +12,12 @@ from torch import Tensor
 
 from distsvi.infer import SVI
 from distsvi.params import _PARAM_STORE, param_with_module_name
+from distsvi.params import rows as _rows
 
 from .data import ShardedPlates
 from .process_group import ProcessGroup, current
 from .reduce import (
-    all_reduce_mean,
+    BucketReducer,
     all_reduce_scalars,
     broadcast_,
     bucket_indices,
@@ -57,7 +58,12 @@ class DataParallelSVI:
     With world size 1 nothing is wrapped: :meth:`step` is ``svi.step``, bit for bit, and
     plates draw as they would without it (:meth:`evaluate_loss` still evaluates all the
     data). ``SVI(compile=True)`` works unchanged: the shard draws stay outside the graph.
-    Communication starts after backward, so it does not overlap the backward pass.
+    With several buckets, a bucket's all-reduce starts during backward as soon as its
+    gradients are all produced (``overlap_backward``; see
+    :class:`~distsvi.distributed.reduce.BucketReducer`): buckets follow the reverse of the
+    params' order of use, so the first ones fill first and their communication overlaps
+    the rest of backward, as in ``DistributedDataParallel``. The bucket that carries the
+    loss starts after backward.
     Per-rank Monte-Carlo noise comes from seeding each rank with
     :func:`~distsvi.distributed.rank_seed` (see :func:`~distsvi.distributed.seed_rank`).
 
@@ -68,10 +74,28 @@ class DataParallelSVI:
     :param float bucket_cap_mb: the size of a gradient bucket, in MiB.
     :param int seed: the run's seed, for the data shuffle.
     :param int max_bad_steps: how many non-finite steps in a row stop training.
+    :param str local_params: how local params (one row per datapoint of a sharded plate,
+        e.g. AutoNormal's locals) are kept. ``"replicated"`` (default): every rank holds
+        all rows and their gradients are averaged with the globals', so the optimizer
+        steps every row (``local_updates="lazy"`` acts as ``"dense"`` here).
+        ``"sharded"``: rank ``r`` owns a fixed contiguous block of the rows (sizes differ
+        by at most one) and stores only those rows' params and optimizer state; its
+        batches come from its block only (reshuffled within it each epoch, scaled by
+        ``W * |block| / B``); the rows' gradients are never all-reduced: the rank applies
+        them, divided by ``W``, itself, so ``sharded`` with ``local_updates="dense"`` ends
+        with the params ``replicated`` gives, and ``"lazy"`` steps only the batch's rows.
+        Locals start from each rank's own init of its rows (the same numbers as
+        replicated for a deterministic ``init_loc_fn``). Reading the locals outside
+        training steps and validation (``Predictive``, ``median``) sees this rank's rows.
     :param float busy_wait_ms: on CPU (Gloo), poll for the gradient all-reduce for up to
         this long before blocking; a blocked rank's idle core is slow to wake on virtual
         machines (see :func:`~distsvi.distributed.reduce.wait_all`). 0 blocks at once;
         ignored on GPU, where waiting does not block the host.
+    :param bool overlap_backward: start a bucket's all-reduce during backward once its
+        gradients are ready. Used only when the loss runs one backward per step (an ELBO
+        with ``num_particles=1`` or vectorized particles); a loss that runs backward more
+        than once otherwise raises, so pass ``False`` for a custom ``loss_and_grads``
+        that does.
 
     Example::
 
@@ -93,6 +117,8 @@ class DataParallelSVI:
         seed: int = 0,
         max_bad_steps: int = 10,
         busy_wait_ms: float = 20.0,
+        overlap_backward: bool = True,
+        local_params: str = "replicated",
     ) -> None:
         if isinstance(shard_plates, str):
             shard_plates = (shard_plates,)
@@ -102,9 +128,15 @@ class DataParallelSVI:
             raise ValueError(f"max_bad_steps must be >= 1, got {max_bad_steps}")
         if not busy_wait_ms >= 0:
             raise ValueError(f"busy_wait_ms must be >= 0, got {busy_wait_ms}")
+        if local_params not in ("replicated", "sharded"):
+            raise ValueError(
+                f"local_params must be 'replicated' or 'sharded', got {local_params!r}"
+            )
         self.svi = svi
         self.group = group or current()
-        self.shards = ShardedPlates(self.group, shard_plates, seed)
+        self.local_params = local_params
+        sharded = local_params == "sharded" and self.group.is_distributed
+        self.shards = ShardedPlates(self.group, shard_plates, seed, own_rows=sharded)
         self.cap_bytes = int(bucket_cap_mb * 2**20)
         self.max_bad_steps = max_bad_steps
         self.busy_wait_s = busy_wait_ms / 1e3 if self.group.device.type == "cpu" else 0.0
@@ -114,6 +146,12 @@ class DataParallelSVI:
         self._layout: list[str] = []  # sorted names agreed by all ranks
         self._layout_params: list[Tensor] = []
         self._buckets: list[list[int]] = []
+        # Overlap needs every gradient final when its hook fires: one backward per step.
+        elbo = svi._elbo
+        self.overlap_backward = bool(overlap_backward) and (
+            getattr(elbo, "num_particles", 1) == 1 or getattr(elbo, "vectorize_particles", False)
+        )
+        self._reducer = BucketReducer([], [], self.group)
         self._synced: set[str] = set()  # params broadcast from rank 0 already
         self._modules: list[torch.nn.Module] = []  # whose buffers follow rank 0
         self._rerun = False
@@ -125,9 +163,9 @@ class DataParallelSVI:
                     "gradients. Wrap a fresh SVI."
                 )
             svi.grad_hook = self._reduce_grads
-            # Replicated per-datapoint params must move alike on every rank, by every
-            # rank's rows: they are updated densely from the averaged whole gradient.
-            svi.dense_local_updates = True
+            # Replicated local params: ranks touch different rows, so row gradients are
+            # averaged as full gradients and the optimizer steps every row.
+            svi._dense_rows = not sharded
 
     def step(self, *args: Any, **kwargs: Any) -> float:
         """Take one SVI step on every rank with this rank's shard of the data.
@@ -138,10 +176,10 @@ class DataParallelSVI:
             return self.svi.step(*args, **kwargs)
         self.shards.next_step(ahead=self.svi._compiled is not None)
         with self.shards:
-            self.svi.step(*args, **kwargs)
+            self._step_once(args, kwargs)
             if self._rerun:  # new params were broadcast: redo the step at their values
                 self._rerun = False
-                self.svi.step(*args, **kwargs)
+                self._step_once(args, kwargs)
                 if self._rerun:
                     self._rerun = False
                     raise RuntimeError(
@@ -153,6 +191,13 @@ class DataParallelSVI:
             if buffers:
                 broadcast_(buffers, self.group, self.cap_bytes)
         return self._loss
+
+    def _step_once(self, args: tuple, kwargs: dict) -> None:
+        self._reducer.arm()  # buckets may start during this step's backward
+        try:
+            self.svi.step(*args, **kwargs)
+        finally:
+            self._reducer.disarm()
 
     @property
     def allreduce_bytes(self) -> int:
@@ -186,15 +231,26 @@ class DataParallelSVI:
         return all_reduce_scalars([loss / self.group.world_size], self.group)[0]
 
     def _reduce_grads(self, loss: Tensor, params: dict[str, Tensor]) -> Tensor | None:
+        own = _rows.sharded_names()
+        if own and not own.isdisjoint(params):
+            # This rank's rows of sharded locals: never all-reduced; the rank applies its
+            # rows' gradient divided by W, what the average over ranks would give them.
+            mine = {n: p for n, p in params.items() if n in own}
+            reported = self._reduce_grads(loss, {n: p for n, p in params.items() if n not in own})
+            if reported is None:
+                _skip(mine)
+                return None
+            for p in mine.values():
+                if p.grad is not None:
+                    p.grad.div_(self.group.world_size)
+            return reported
         names = tuple(params)
         changed = names != self._seen
         self._seen = names
         layout = self._layout
         grads = [_grad_or_zeros(params.get(n), p) for n, p in zip(layout, self._layout_params)]
         trailer = torch.stack((loss.detach().reshape(()), loss.new_tensor(float(changed))))
-        averaged, trailer = all_reduce_mean(
-            grads, self._buckets, trailer, self.group, self.busy_wait_s
-        )
+        averaged, trailer = self._reducer.reduce(grads, trailer)
         # Sync point: the one host read of the step, the same numbers on every rank.
         mean_loss, any_changed, total = trailer.tolist()
         self._loss = mean_loss
@@ -211,8 +267,7 @@ class DataParallelSVI:
 
     def _relayout(self, params: dict[str, Tensor]) -> bool:
         """Agree on the new set of params; return whether the step must be rerun."""
-        layout = sorted(params)
-        check_same_names(layout, self.group)
+        layout = self._agreed_order(params)
         added = set(layout) - set(self._layout)
         new = sorted(added - self._synced)
         self._layout = layout
@@ -224,6 +279,14 @@ class DataParallelSVI:
             if any(n.startswith(param_with_module_name(name, "")) for n in layout)
         ]
         self._buckets = bucket_indices(self._layout_params, self.cap_bytes)
+        self._reducer.close()
+        self._reducer = BucketReducer(
+            self._layout_params,
+            self._buckets,
+            self.group,
+            self.busy_wait_s,
+            overlap=self.overlap_backward,
+        )
         if new:
             # Invariant 3: rank 0's initial values, before any update uses them.
             broadcast_([params[n] for n in new], self.group, self.cap_bytes)
@@ -231,6 +294,20 @@ class DataParallelSVI:
         # Gradients of params outside the old layout were not reduced: rerun the step.
         self._rerun = bool(added)
         return self._rerun
+
+    def _agreed_order(self, params: dict[str, Tensor]) -> list[str]:
+        """The params in an order every rank agrees on: the reverse of their order of use
+        (backward produces the last-used gradients first, so the first buckets fill first
+        and their all-reduce overlaps the rest of backward), or sorted by name where the
+        order of use differs between ranks."""
+        used = list(reversed(params))
+        try:
+            check_same_names(used, self.group)
+            return used
+        except RuntimeError:  # every rank sees the same mismatch (one reduced digest)
+            layout = sorted(params)
+            check_same_names(layout, self.group)
+            return layout
 
     def _bad_step(self, params: dict[str, Tensor]) -> None:
         """Skip this step on every rank (all ranks saw the same sums), or stop."""

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 
 from ..params import _PARAM_STORE
-from ..primitives import record_row_reads
+from ..params import rows as _rows
 from ..poutine import handlers as poutine
 
 GradHook = Callable[[torch.Tensor, dict], "torch.Tensor | None"]
@@ -23,41 +22,6 @@ def _leaf(name: str, value: torch.Tensor) -> torch.Tensor:
         ref = getattr(value, "unconstrained", None)
         p = value if ref is None else ref()
     return p
-
-
-def _row_grads(reads: list) -> dict[str, tuple[int, torch.Tensor, torch.Tensor]]:
-    """``{name: (dim, unique rows, their summed gradient)}`` from a step's row reads (a
-    param read twice, or a row drawn twice, adds up as in a whole-tensor backward)."""
-    by_name: dict[str, list] = {}
-    for read in reads:
-        if read.rows.grad is not None:
-            by_name.setdefault(read.name, []).append(read)
-    out = {}
-    for name, group in by_name.items():
-        dim = group[0].dim
-        index = torch.cat([r.index for r in group])
-        grad = torch.cat([r.rows.grad for r in group], dim)
-        unique, inverse = torch.unique(index, return_inverse=True)
-        if len(unique) != len(index):
-            shape = list(grad.shape)
-            shape[dim] = len(unique)
-            grad = grad.new_zeros(shape).index_add_(dim, inverse, grad)
-        else:
-            # unique() sorts: put the rows in the same order
-            grad = grad.index_select(dim, torch.argsort(index))
-        out[name] = (dim, unique, grad)
-    return out
-
-
-def _take_rows(p: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
-    """The rows of ``p``'s whole gradient, which then leaves the optimizer's dense step."""
-    grad = p.grad.index_select(dim, index)
-    p.grad = None
-    return grad
-
-
-def _lazy(optim: Any) -> bool:
-    return getattr(optim, "local_updates", "dense") == "lazy" and hasattr(optim, "step_rows")
 
 
 class _Compiled(NamedTuple):
@@ -89,10 +53,18 @@ class SVI:
         created and the model is checked), later steps run the compiled loss (and the
         compiled optimizer step for torch's own optimizers without a scheduler). A param
         created inside a compiled step is updated in that step by the eager optimizer, and
-        the next step recompiles. Needs an ELBO loss. Compiled steps read per-datapoint
-        params whole and update them densely (``local_updates`` does not apply).
+        the next step recompiles. Needs an ELBO loss. A compiled step reads local params
+        densely (the whole tensor, then the batch's rows), as Pyro does.
     :param num_samples: Pyro's (for its deprecated ``run``); unused.
     :param num_steps: Pyro's (for its deprecated ``run``); unused.
+
+    Local params, those with one row per datapoint read inside a subsampled plate
+    (AutoNormal's and AutoDelta's locals, ``param(..., event_dim=...)`` in the plate), are
+    read row-sparse by an eager step: the batch's rows of the unconstrained tensor become
+    a leaf of their own and only they are constrained, so neither the forward nor the
+    backward pass touches all N rows. The optimizer's ``local_updates`` then says what
+    the rows' gradient does (``"dense"``: Pyro's full step; ``"lazy"``: only those rows
+    step; see :class:`~distsvi.optim.PyroOptim`).
 
     Example::
 
@@ -151,25 +123,20 @@ class SVI:
         self._compile_options = ({} if compile is True else dict(compile)) if compile else None
         self._elbo = loss
         self._compiled: _Compiled | None = None
-        # True forces dense updates of row-read params even under local_updates="lazy"
-        # (data-parallel replicas must all apply every rank's rows).
-        self.dense_local_updates = False
 
     def step(self, *args: Any, **kwargs: Any) -> float:
         """Take one optimizer step on the loss; return the loss estimate (a float)."""
         compiled = self._compiled
         if compiled is not None and _PARAM_STORE.version == compiled.store_version:
             return self._step_compiled(args, kwargs)
-        # With compile, the first (eager) step reads params whole like the compiled ones.
-        reading = contextlib.nullcontext([]) if self._compile_options else record_row_reads()
-        with reading as reads, poutine.trace(param_only=True) as param_capture:
+        with _rows.record_rows() as record, poutine.trace(param_only=True) as param_capture:
             loss = self.loss_and_grads(self.model, self.guide, *args, **kwargs)
         if not isinstance(loss, torch.Tensor):  # a custom loss_and_grads returning a float
             loss = torch.tensor(loss)
         params = {
             name: _leaf(name, site["value"]) for name, site in param_capture.trace.nodes.items()
         }
-        value = self._apply(loss, params, rows=_row_grads(reads))
+        value = self._apply(loss, params, rows=_rows.row_grads(record) if record else None)
         if self._compile_options is not None:
             self._prepare_compiled(params)  # after the step: the optimizer exists now
         return value
@@ -179,39 +146,68 @@ class SVI:
         loss: torch.Tensor,
         params: dict[str, torch.Tensor],
         optim_step=None,
-        rows: dict | None = None,
+        rows: dict[str, _rows.RowGrad] | None = None,
     ) -> float:
         """Row gradients, hook, optimizer step, zeroed grads: the end of every step.
 
-        ``rows`` maps a param read by rows to ``(dim, index, row grad)``. Under the
-        optimizer's ``local_updates="lazy"`` they go to its row update (a grad hook sees
-        them scattered into whole gradients first, and the rows are taken back after it);
-        otherwise they are scattered into the param's whole gradient and stepped with the
-        rest, as if the param had been read whole.
+        ``rows`` are the step's row gradients of local params (see
+        :mod:`distsvi.params.rows`). An optimizer with ``local_updates="lazy"`` gets them
+        as they are and updates only those rows; any other optimizer sees them scattered
+        into full gradients, which is Pyro's step exactly. The hook sees a row gradient as
+        the gradient of a tensor of the rows' shape (norms and clipping are the same).
         """
-        lazy = bool(rows) and _lazy(self.optim) and not self.dense_local_updates
-        if rows and (not lazy or self.grad_hook is not None):
-            for name, (dim, index, grad) in rows.items():
-                p = params[name]
-                whole = torch.zeros_like(p) if p.grad is None else p.grad
-                p.grad = whole.index_add_(dim, index, grad)
+        hooked, local = params, None
+        if rows:
+            if self._lazy_rows():
+                hooked, local = self._split_rows(params, rows)
+            else:
+                for rg in rows.values():
+                    _rows.scatter(rg)
         step = optim_step or self.optim
         if self.grad_hook is not None:
-            reported = self.grad_hook(loss, params)
+            reported = self.grad_hook(loss, hooked)
             if reported is not None:
-                if lazy:
-                    rows = {n: (d, i, _take_rows(params[n], d, i)) for n, (d, i, _) in rows.items()}
-                step(params)
+                self._step_optim(step, params, hooked, local)
                 loss = reported
-            else:
-                lazy = False
         else:
-            step(params)
-        if lazy:
-            self.optim.step_rows({name: (params[name], *r) for name, r in rows.items()})
+            self._step_optim(step, params, hooked, local)
+        for p in hooked.values():
+            p.grad = None
         for p in params.values():
             p.grad = None
         return float(loss)  # host sync: the one per step, as Pyro's step returns a float
+
+    def _lazy_rows(self) -> bool:
+        return getattr(self.optim, "local_updates", "dense") == "lazy" and not getattr(
+            self, "_dense_rows", False
+        )
+
+    @staticmethod
+    def _split_rows(params: dict, rows: dict) -> tuple[dict, dict]:
+        hooked = {name: p for name, p in params.items() if name not in rows}
+        local = {}
+        for name, rg in rows.items():
+            if rg.full.grad is not None:
+                # Also read whole this step (outside its plate): every row takes this step.
+                _rows.scatter(rg)
+                grad, rg.full.grad = rg.full.grad, None
+                index = torch.arange(rg.full.shape[0], device=grad.device)
+                rg = _rows.RowGrad(name, rg.full, 0, index, grad)
+            holder = torch.empty_like(rg.grad).requires_grad_(True)
+            holder.grad = rg.grad
+            hooked[name] = holder
+            local[name] = rg
+        return hooked, local
+
+    @staticmethod
+    def _step_optim(step, params: dict, hooked: dict, local: dict | None) -> None:
+        if not local:
+            step(params)
+            return
+        dense = {name: p for name, p in params.items() if name not in local}
+        # the hook may have replaced a holder's gradient (averaged, clipped)
+        row_list = [rg._replace(grad=hooked[name].grad) for name, rg in local.items()]
+        step(dense, rows=row_list)
 
     def _prepare_compiled(self, params: dict[str, torch.Tensor]) -> None:
         elbo, model, guide = self._elbo, self.model, self.guide
@@ -254,5 +250,6 @@ class SVI:
 
     def evaluate_loss(self, *args: Any, **kwargs: Any) -> float:
         """The loss estimate with no gradient computed and no parameter changed."""
-        with torch.no_grad():
+        # Local params are read row-sparse here too: the cost is the batch's.
+        with torch.no_grad(), _rows.record_rows():
             return float(self.loss(self.model, self.guide, *args, **kwargs))

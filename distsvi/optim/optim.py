@@ -4,8 +4,9 @@
 a step and updates them; new params join lazily. Unlike Pyro there is one
 ``torch.optim`` optimizer for all params (params sharing the same options share one
 param group, so foreach kernels batch them), not one optimizer per param. State is
-saved keyed by param *name*, so it loads into a store whose params were created in
-another order.
+saved in Pyro's layout, keyed by param *name* (``{name: that param's optimizer
+state_dict}``), so it loads into a store whose params were created in another order, and
+Pyro's saved states load here.
 
 Options may be a dict or a callable ``name -> dict`` (per-param options, as in Pyro).
 """
@@ -13,7 +14,6 @@ Options may be a dict or a callable ``name -> dict`` (per-param options, as in P
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -21,6 +21,8 @@ import torch
 
 from ..params import _PARAM_STORE
 from . import rows as _rows
+from .adagrad_rmsprop import AdagradRMSProp as _AdagradRMSPropTorch
+from .clipped_adam import PerParamClippedAdam
 
 LOCAL_UPDATES = ("dense", "lazy")
 
@@ -39,19 +41,31 @@ def _foreach_default(constructor: type, args: dict) -> dict:
 
 
 class _Cohort:
-    """One torch optimizer (and, for schedulers, its scheduler) over params born together."""
+    """One torch optimizer (and, with a schedule, its scheduler) over params born together.
+
+    Without a schedule there is one cohort for every param. With one, the rule is Pyro's,
+    where each param has its own scheduler started when the param first appears: params
+    that appear before the schedule is next stepped start their schedules together, so
+    they share one optimizer and one scheduler here. A cohort is *open* until its schedule
+    first steps (``closed`` False: newcomers join it) and *closed* after (a newcomer
+    starts a new cohort). A param resumed from saved state joins the cohort that resumes
+    its saved schedule (see ``PyroLRScheduler._resumed``).
+    """
 
     def __init__(self) -> None:
         self.optimizer: torch.optim.Optimizer | None = None
         self.group_of: dict[tuple, dict] = {}
         self.scheduler: Any = None
-        self.stepped = False  # has the schedule advanced since this cohort began?
+        self.closed = False  # the schedule advanced since this cohort began: no newcomers
+
+    def group_index(self, p: torch.Tensor) -> int:
+        for i, group in enumerate(self.optimizer.param_groups):
+            if any(q is p for q in group["params"]):
+                return i
+        raise KeyError("param not in optimizer")
 
     def find_group(self, p: torch.Tensor) -> dict:
-        for group in self.optimizer.param_groups:
-            if any(q is p for q in group["params"]):
-                return group
-        raise KeyError("param not in optimizer")
+        return self.optimizer.param_groups[self.group_index(p)]
 
 
 class PyroOptim:
@@ -61,13 +75,14 @@ class PyroOptim:
     :param optim_args: its options, or a callable ``param_name -> options``.
     :param clip_args: optional ``{"clip_norm": x}`` or ``{"clip_value": x}`` applied to each
         param's gradient before the step (as in Pyro).
-    :param local_updates: how per-datapoint params that SVI read as a batch's rows (a
-        ``param(..., event_dim=...)`` in a subsampled plate, an autoguide's locals) are
-        updated. ``"dense"`` (default): their row gradient is scattered into a whole
-        gradient and stepped with the rest, Pyro's numbers exactly (with momentum every
-        row moves every step). ``"lazy"``: only the batch's rows and their optimizer state
-        advance (each row steps as its own optimizer, with its own step count), so a step
-        costs what the batch costs. Equal to dense for SGD without momentum and Adagrad.
+    :param local_updates: how local params (one row per datapoint, read in a subsampled
+        plate) are updated, given the rows of a step's batch: ``"dense"`` (default) steps
+        every row, as Pyro does (an unvisited row still moves by its momentum);
+        ``"lazy"`` steps only the visited rows, whose values, optimizer state and step
+        counts (for bias corrections) advance only when they are in a batch, so each
+        row behaves as its own optimizer stepped when visited, and a step costs its
+        batch, not the data. For SGD without momentum and for Adagrad both give the same
+        numbers; for Adam and other optimizers with momentum they differ.
     """
 
     def __init__(
@@ -81,6 +96,14 @@ class PyroOptim:
             raise TypeError(
                 f"optim_args must be a dict or a callable name -> dict, got {optim_args!r}"
             )
+        if local_updates not in LOCAL_UPDATES:
+            raise ValueError(f"local_updates must be 'dense' or 'lazy', got {local_updates!r}")
+        if local_updates == "lazy" and not _rows.supports_lazy(optim_constructor):
+            raise ValueError(
+                f"local_updates='lazy' is not available for {optim_constructor.__name__}; "
+                "use local_updates='dense' or one of distsvi.optim's optimizers"
+            )
+        self.local_updates = local_updates
         self.pt_optim_constructor = optim_constructor
         self.pt_optim_args = optim_args
         self.pt_clip_args = clip_args or {}
@@ -90,62 +113,51 @@ class PyroOptim:
         self._cohort_of: dict[str, _Cohort] = {}
         self._params: dict[str, torch.Tensor] = {}
         self._pending: dict[str, dict] = {}
-        if local_updates not in LOCAL_UPDATES:
-            raise ValueError(
-                f"local_updates must be 'dense' or 'lazy', got {local_updates!r}"
-            )
-        self._row_rule = _rows.row_rule(optim_constructor)
-        if local_updates == "lazy" and self._row_rule is None:
-            raise ValueError(
-                f"local_updates='lazy': {optim_constructor.__name__} has no row update; "
-                "use local_updates='dense'"
-            )
-        self.local_updates = local_updates
-        self._row_state: dict[str, dict] = {}  # name -> lazy state (full-size tensors)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
         """The torch optimizer (the first one, when a scheduler started several)."""
         return self._cohorts[0].optimizer if self._cohorts else None
 
+    @property
+    def optim_objs(self) -> dict[torch.Tensor, ParamOptimizer]:
+        """Pyro's ``{param tensor: its optimizer}``: here each value is a view of that param's
+        share of the one torch optimizer (its group, its state, its ``state_dict``)."""
+        return {p: ParamOptimizer(self, name) for name, p in self._params.items()}
+
     # the step -----------------------------------------------------------------------
     def __call__(
-        self, params: dict[str, torch.Tensor] | Iterable[torch.Tensor], *args: Any, **kwargs: Any
+        self,
+        params: dict[str, torch.Tensor] | Iterable[torch.Tensor],
+        *args: Any,
+        rows: list | None = None,
+        **kwargs: Any,
     ) -> None:
-        """Step the optimizer over ``params`` (``{name: unconstrained tensor}``)."""
+        """Step the optimizer over ``params`` (``{name: unconstrained tensor}``).
+
+        ``rows``: row gradients of local params (the ``RowGrad`` tuples of
+        :mod:`distsvi.params.rows`, which SVI's step passes when ``local_updates`` is
+        ``"lazy"``): only those rows of those params step.
+        """
         if not isinstance(params, dict):
             params = {_name_of(p): p for p in params}
         known = self._params
         for name, p in params.items():
             if known.get(name) is not p:
                 self._add(name, p)
+        for rg in rows or ():
+            if known.get(rg.name) is not rg.full:
+                self._add(rg.name, rg.full)
         if self.pt_clip_args:
             self._clip(params.values())
+            # a row gradient's norm is its param's (the other rows' gradients are zero)
+            self._clip([_grad_view(rg.grad) for rg in rows or ()])
         for cohort in self._cohorts:
             cohort.optimizer.step(*args, **kwargs)
-
-    def step_rows(self, updates: dict[str, tuple]) -> None:
-        """The lazy update: ``{name: (param, dim, unique row indices, row gradient)}``
-        steps only those rows of each (already known) param and their state, with the
-        param's options (its param group, so schedules apply) and ``clip_args``."""
-        for name, (p, dim, index, grad) in updates.items():
-            if self._params.get(name) is not p:
-                self._add(name, p)
-            group = self._cohort_of[name].find_group(p)
-            state = self._row_state.get(name)
-            if state is None:
-                state = self._row_state[name] = _rows.init_row_state(self._row_rule, p, dim, group)
-            _rows.step_rows(self._row_rule, p, dim, index, self._clip_rows(grad), state, group)
-
-    def _clip_rows(self, grad: torch.Tensor) -> torch.Tensor:
-        # The row gradient has the whole gradient's nonzeros: the same norm, the same clip.
-        clip = self.pt_clip_args
-        if "clip_norm" in clip:
-            norm = torch.linalg.vector_norm(grad, clip.get("norm_type", 2.0))
-            grad = grad * torch.clamp(clip["clip_norm"] / (norm + 1e-6), max=1.0)
-        if "clip_value" in clip:
-            grad = grad.clamp(-clip["clip_value"], clip["clip_value"])
-        return grad
+        for rg in rows or ():
+            cohort = self._cohort_of[rg.name]
+            group = cohort.find_group(rg.full)
+            _rows.update_rows(cohort.optimizer, group, rg.full, rg.dim, rg.index, rg.grad)
 
     def _clip(self, params: Iterable[torch.Tensor]) -> None:
         clip = self.pt_clip_args
@@ -188,7 +200,6 @@ class PyroOptim:
             group = cohort.find_group(old)
             group["params"][[q is old for q in group["params"]].index(True)] = p
             cohort.optimizer.state.pop(old, None)
-            self._row_state.pop(name, None)
         else:
             cohort = self._cohort_for(name)
             args = self._args_for(name)
@@ -220,42 +231,52 @@ class PyroOptim:
 
     # state ----------------------------------------------------------------------------
     def get_state(self) -> dict:
-        """``{param name: {"state": per-param state, "group": options}}``."""
-        out = {}
-        for name, p in self._params.items():
-            cohort = self._cohort_of[name]
-            group = cohort.find_group(p)
-            state = cohort.optimizer.state.get(p, {})
-            out[name] = {
-                "state": {k: (v.clone() if torch.is_tensor(v) else v) for k, v in state.items()},
-                "group": {k: v for k, v in group.items() if k != "params"},
-            }
-            if name in self._row_state:
-                out[name]["rows"] = {k: v.clone() for k, v in self._row_state[name].items()}
+        """Pyro's layout: ``{param name: that param's optimizer state_dict}``, i.e.
+        ``{"state": {0: {...}}, "param_groups": [{options..., "params": [0]}]}``."""
+        out = {name: self._param_entry(name) for name in self._params}
         for name, entry in self._pending.items():
             out.setdefault(name, entry)
         return out
 
     def set_state(self, state: dict) -> None:
-        """Load :meth:`get_state` output; params not seen yet get their state on first use."""
-        for name, entry in state.items():
+        """Load :meth:`get_state` output (also Pyro's, and the earlier
+        ``{name: {"state", "group"}}`` layout); params not seen yet get theirs on first use."""
+        for name, entry in self._normalized(state).items():
             p = self._params.get(name)
             if p is None:
                 self._pending[name] = entry
             else:
                 self._load_one(name, p, entry)
 
+    def _normalized(self, state: dict) -> dict:
+        return {name: _pyro_entry(name, entry) for name, entry in state.items()}
+
+    def _param_entry(self, name: str) -> dict:
+        p = self._params[name]
+        cohort = self._cohort_of[name]
+        state = cohort.optimizer.state.get(p, {})
+        options = {k: v for k, v in cohort.find_group(p).items() if k != "params"}
+        export = getattr(cohort.optimizer, "export_options", None)
+        if export is not None:
+            options = export(options, state)
+        return {
+            "state": {0: {k: _clone(v) for k, v in state.items()}} if state else {},
+            "param_groups": [{**options, "params": [0]}],
+        }
+
     def _load_one(self, name: str, p: torch.Tensor, entry: dict) -> None:
         cohort = self._cohort_of[name]
-        cohort.optimizer.state[p] = {
-            k: (v.clone().to(p.device) if v.dim() else v.clone()) if torch.is_tensor(v) else v
-            for k, v in entry["state"].items()
-        }
-        group = cohort.find_group(p)
-        for k, v in entry["group"].items():
-            group[k] = v
-        if "rows" in entry:
-            self._row_state[name] = {k: v.clone().to(p.device) for k, v in entry["rows"].items()}
+        saved = entry["state"].get(0, {})
+        if saved:
+            cohort.optimizer.state[p] = {
+                k: _clone(v).to(p.device) if torch.is_tensor(v) and v.dim() else _clone(v)
+                for k, v in saved.items()
+            }
+        options = {k: v for k, v in entry["param_groups"][0].items() if k != "params"}
+        restore = getattr(cohort.optimizer, "import_options", None)
+        if restore is not None:
+            options = restore(options, saved)
+        cohort.find_group(p).update(options)
 
     def save(self, filename: str) -> None:
         """Write the optimizer state (by param name) to ``filename``."""
@@ -274,6 +295,128 @@ class PyroOptim:
         return self.optimizer.param_groups[0]["lr"]
 
 
+def _clone(v: Any) -> Any:
+    return v.clone() if torch.is_tensor(v) else v
+
+
+def _pyro_entry(name: str, entry: Any) -> dict:
+    """One param's saved optimizer state in Pyro's layout (converting the earlier one)."""
+    if not isinstance(entry, dict):
+        raise TypeError(f"optimizer state of param {name!r} is {type(entry).__name__}, not a dict")
+    if "param_groups" in entry and "state" in entry:
+        return entry
+    if "group" in entry and "state" in entry:  # written before the layout was Pyro's
+        state, group = entry["state"], dict(entry["group"])
+        if "lrd" in group and "lr" in group:  # ClippedAdam then saved its undecayed lr
+            group["lr"] *= group["lrd"] ** int(state.get("step", 0))
+        return {"state": {0: state} if state else {}, "param_groups": [{**group, "params": [0]}]}
+    raise ValueError(
+        f"optimizer state of param {name!r} has keys {sorted(entry)}; expected a torch "
+        "optimizer state_dict ('state', 'param_groups'), as get_state() writes"
+    )
+
+
+def without_hyperparameters(state: dict) -> dict:
+    """Saved optimizer state (any layout :meth:`PyroOptim.set_state` takes) whose options
+    (lr, betas, ...) give way to the current ones: moments, step counts and schedules stay."""
+
+    def strip(entry: dict) -> dict:
+        return {**entry, "param_groups": [{"params": [0]}]}
+
+    if set(state) == {"params", "cohorts"}:  # a schedule's state in the earlier layout
+        state = schedule_entries(state)
+    out = {}
+    for name, entry in state.items():
+        if isinstance(entry, dict) and "scheduler" in entry and "optimizer" in entry:
+            out[name] = {**entry, "optimizer": strip(_pyro_entry(name, entry["optimizer"]))}
+        else:
+            out[name] = strip(_pyro_entry(name, entry))
+    return out
+
+
+# Scheduler state entries that hold one value per param group (torch's schedulers).
+PER_GROUP_KEYS = frozenset(
+    ("base_lrs", "_last_lr", "min_lrs", "lr_lambdas", "max_lrs", "base_momentums", "max_momentums")
+)
+
+
+def schedule_entries(state: dict) -> dict:
+    """A schedule's state saved as ``{"params": ..., "cohorts": [...]}`` (the layout before
+    Pyro's) as Pyro's ``{name: {"scheduler": ..., "optimizer": ...}}``."""
+    params = {n: _pyro_entry(n, e) for n, e in state["params"].items()}
+    out: dict[str, dict] = {}
+    for cohort in state["cohorts"]:
+        for name in cohort["names"]:
+            if name in params:
+                entry = params.pop(name)
+                schedule = _one_group(cohort["scheduler"], entry["param_groups"][0])
+                out[name] = {"scheduler": schedule, "optimizer": entry}
+    out.update({n: {"scheduler": None, "optimizer": e} for n, e in params.items()})
+    return out
+
+
+def _one_group(schedule: dict, group: dict) -> dict:
+    """A cohort's scheduler state cut down to the one group ``group`` (found by its lrs)."""
+    lists = {k: v for k, v in schedule.items() if k in PER_GROUP_KEYS and isinstance(v, list)}
+    width = max((len(v) for v in lists.values()), default=1)
+    i = 0
+    for j in range(width):
+        base, last = schedule.get("base_lrs", []), schedule.get("_last_lr", [])
+        if (j >= len(base) or base[j] == group.get("initial_lr")) and (
+            j >= len(last) or last[j] == group.get("lr")
+        ):
+            i = j
+            break
+    return {**schedule, **{k: v[min(i, len(v) - 1) :][:1] for k, v in lists.items()}}
+
+
+class ParamOptimizer:
+    """``optim.optim_objs[p]``: Pyro's per-param optimizer, as a view of ``p``'s share of the
+    one torch optimizer. ``param_groups`` holds ``p``'s group, which other params with the
+    same options share, so setting its ``lr`` sets theirs too."""
+
+    def __init__(self, owner: PyroOptim, name: str) -> None:
+        self._owner, self._name = owner, name
+
+    @property
+    def _param(self) -> torch.Tensor:
+        return self._owner._params[self._name]
+
+    @property
+    def _torch(self) -> torch.optim.Optimizer:
+        return self._owner._cohort_of[self._name].optimizer
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [self._owner._cohort_of[self._name].find_group(self._param)]
+
+    @property
+    def state(self) -> dict:
+        p = self._param
+        return {p: self._torch.state[p]}  # torch's state is a defaultdict, as in Pyro
+
+    @property
+    def defaults(self) -> dict:
+        return self._torch.defaults
+
+    def state_dict(self) -> dict:
+        return self._owner._param_entry(self._name)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._owner._load_one(self._name, self._param, _pyro_entry(self._name, state_dict))
+
+    def __repr__(self) -> str:
+        return f"<{type(self._torch).__name__} of param {self._name!r}>"
+
+
+def _grad_view(grad: torch.Tensor) -> torch.Tensor:
+    """A stand-in param (no storage of its own) whose ``grad`` is a row gradient, so that
+    row gradients are clipped by the same code as whole ones."""
+    view = grad.new_empty(()).expand(grad.shape)
+    view.grad = grad
+    return view
+
+
 def _name_of(p: torch.Tensor) -> str:
     name = _PARAM_STORE.param_name(p)
     if name is None:
@@ -282,70 +425,6 @@ def _name_of(p: torch.Tensor) -> str:
             "distsvi.param, or pass {name: tensor} for params kept elsewhere"
         )
     return name
-
-
-class _ClippedAdamTorch(torch.optim.Optimizer):
-    """Adam with element-wise gradient clipping and per-step learning-rate decay.
-
-    At a param's k-th step the learning rate is ``lr * lrd**k`` (Pyro's ClippedAdam,
-    where each param has its own optimizer), and its gradient is clamped to
-    ``[-clip_norm, clip_norm]``. With ``centered_variance`` the second moment tracks
-    ``(grad - exp_avg)**2``.
-    """
-
-    def __init__(
-        self,
-        params,
-        lr=1e-3,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        weight_decay=0.0,
-        clip_norm=10.0,
-        lrd=1.0,
-        centered_variance=False,
-    ):
-        if not lr > 0:
-            raise ValueError(f"ClippedAdam lr must be > 0, got {lr}")
-        if not clip_norm > 0:
-            raise ValueError(f"ClippedAdam clip_norm must be > 0, got {clip_norm}")
-        defaults = {
-            "lr": lr,
-            "betas": betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "clip_norm": clip_norm,
-            "lrd": lrd,
-            "centered_variance": centered_variance,
-        }
-        super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad.clamp_(-group["clip_norm"], group["clip_norm"])
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                k = state["step"]
-                lr = group["lr"] * group["lrd"] ** k
-                if group["weight_decay"]:
-                    grad = grad.add(p, alpha=group["weight_decay"])
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-                dev = grad - exp_avg if group["centered_variance"] else grad
-                exp_avg_sq.mul_(beta2).addcmul_(dev, dev, value=1 - beta2)
-                denom = exp_avg_sq.sqrt().add_(group["eps"])
-                step_size = lr * math.sqrt(1 - beta2**k) / (1 - beta1**k)
-                p.addcdiv_(exp_avg, denom, value=-step_size)
-
-    row_rule = _rows.CLIPPED_ADAM_RULE
 
 
 def _factory(constructor: type, doc: str, name: str | None = None) -> Callable[..., PyroOptim]:
@@ -367,150 +446,28 @@ SGD = _factory(torch.optim.SGD, "``torch.optim.SGD`` with Pyro's interface.")
 RMSprop = _factory(torch.optim.RMSprop, "``torch.optim.RMSprop`` with Pyro's interface.")
 Adagrad = _factory(torch.optim.Adagrad, "``torch.optim.Adagrad`` with Pyro's interface.")
 Adadelta = _factory(torch.optim.Adadelta, "``torch.optim.Adadelta`` with Pyro's interface.")
+AdagradRMSProp = _factory(
+    _AdagradRMSPropTorch,
+    "Pyro's ``AdagradRMSProp`` (the ADVI step-size rule; options ``eta``, ``delta``, ``t``) "
+    "with Pyro's interface.",
+    "AdagradRMSProp",
+)
 ClippedAdam = _factory(
-    _ClippedAdamTorch,
+    PerParamClippedAdam,
     "Adam with element-wise gradient clipping (``clip_norm``) and learning-rate decay "
     "``lrd`` per step, as Pyro's ``ClippedAdam``.",
     "ClippedAdam",
 )
 
 
-class PyroLRScheduler(PyroOptim):
-    """An optimizer whose learning rate follows a ``torch.optim.lr_scheduler``.
-
-    :param scheduler_constructor: a ``torch.optim.lr_scheduler`` class.
-    :param optim_args: ``{"optimizer": torch.optim.X, "optim_args": {...}, **scheduler_kwargs}``,
-        as in Pyro.
-
-    Call :meth:`step` (with the metric for ``ReduceLROnPlateau``) to advance the schedule.
-    As in Pyro, a param's schedule starts when the param first appears: params created
-    together share one torch optimizer and scheduler; a param that appears after the
-    schedule has advanced starts a new pair.
-    """
-
-    def __init__(
-        self,
-        scheduler_constructor: type,
-        optim_args: dict,
-        clip_args: dict | None = None,
-        local_updates: str = "dense",
-    ) -> None:
-        args = dict(optim_args)
-        try:
-            optimizer = args.pop("optimizer")
-            inner = args.pop("optim_args")
-        except KeyError as e:
-            raise ValueError(
-                f"scheduler args need {e.args[0]!r}: "
-                "{'optimizer': torch.optim.Adam, 'optim_args': {'lr': 0.01}, ...}"
-            ) from None
-        if not (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer)):
-            raise TypeError(
-                f"scheduler 'optimizer' must be a torch.optim.Optimizer class such as "
-                f"torch.optim.Adam, got {optimizer!r}"
-            )
-        super().__init__(optimizer, inner, clip_args, local_updates)
-        self.scheduler_constructor = scheduler_constructor
-        self.kwargs = args
-        self._saved_cohorts: list[dict] = []  # from set_state, not yet matched to params
-        self._live_of_saved: dict[int, _Cohort] = {}
-
-    @property
-    def scheduler(self) -> Any:
-        """The torch scheduler (the first one, when late params started several)."""
-        return self._cohorts[0].scheduler if self._cohorts else None
-
-    def _cohort_for(self, name: str) -> _Cohort:
-        for i, saved in enumerate(self._saved_cohorts):
-            if name in saved["names"]:
-                if i not in self._live_of_saved:
-                    self._cohorts.append(_Cohort())
-                    self._live_of_saved[i] = self._cohorts[-1]
-                return self._live_of_saved[i]
-        if not self._cohorts or self._cohorts[-1].stepped:
-            self._cohorts.append(_Cohort())
-        return self._cohorts[-1]
-
-    def _on_create(self, cohort: _Cohort) -> None:
-        cohort.scheduler = self.scheduler_constructor(cohort.optimizer, **self.kwargs)
-        for i, live in self._live_of_saved.items():
-            if live is cohort:
-                cohort.scheduler.load_state_dict(self._saved_cohorts[i]["scheduler"])
-                cohort.stepped = self._saved_cohorts[i].get("stepped", True)
-
-    def step(self, *args: Any, **kwargs: Any) -> None:
-        """Advance every learning-rate schedule by one step (epoch)."""
-        for cohort in self._cohorts:
-            if cohort.scheduler is not None:
-                cohort.scheduler.step(*args, **kwargs)
-                cohort.stepped = True
-
-    def get_state(self) -> dict:
-        cohorts = [
-            {
-                "names": [n for n, c in self._cohort_of.items() if c is cohort],
-                "scheduler": cohort.scheduler.state_dict(),
-                "stepped": cohort.stepped,
-            }
-            for cohort in self._cohorts
-            if cohort.scheduler is not None
-        ]
-        live = {n for c in cohorts for n in c["names"]}
-        cohorts += [
-            c
-            for i, c in enumerate(self._saved_cohorts)
-            if i not in self._live_of_saved and not live & set(c["names"])
-        ]
-        return {"params": super().get_state(), "cohorts": cohorts}
-
-    def set_state(self, state: dict) -> None:
-        super().set_state(state["params"])
-        for saved in state.get("cohorts", []):
-            live = {
-                id(self._cohort_of[n]): self._cohort_of[n]
-                for n in saved["names"]
-                if n in self._cohort_of
-            }
-            if live:
-                for cohort in live.values():
-                    cohort.scheduler.load_state_dict(saved["scheduler"])
-                    cohort.stepped = saved.get("stepped", True)
-            else:
-                self._saved_cohorts.append(saved)
-
-
-def _scheduler(cls: type) -> Callable[..., PyroLRScheduler]:
-    def make(
-        optim_args: dict, clip_args: dict | None = None, local_updates: str = "dense"
-    ) -> PyroLRScheduler:
-        return PyroLRScheduler(cls, optim_args, clip_args, local_updates)
-
-    make.__doc__ = f"``torch.optim.lr_scheduler.{cls.__name__}`` with Pyro's interface."
-    make.__name__ = make.__qualname__ = cls.__name__
-    return make
-
-
-_SCHEDULERS = {
-    name: cls
-    for name, cls in vars(torch.optim.lr_scheduler).items()
-    if isinstance(cls, type)
-    and issubclass(
-        cls, (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-    )
-    and not name.startswith("_")
-    and name not in ("LRScheduler", "_LRScheduler")
-}
-globals().update({name: _scheduler(cls) for name, cls in _SCHEDULERS.items()})
-
 __all__ = [
     "SGD",
     "Adadelta",
     "Adagrad",
+    "AdagradRMSProp",
     "Adam",
     "AdamW",
     "ClippedAdam",
-    "PyroLRScheduler",
     "PyroOptim",
     "RMSprop",
 ]
-__all__ += list(_SCHEDULERS)

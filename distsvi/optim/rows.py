@@ -1,185 +1,196 @@
-"""Lazy row updates: the optimizer step of only the rows a batch touched.
+"""Lazy row updates of local params: each row behaves as its own optimizer, stepped only
+when the row is in a step's batch.
 
-A per-datapoint param (one row per datapoint along a plate dim) that a step read as
-rows gets a gradient for those rows only. Under ``local_updates="lazy"`` only those
-rows move, and only their optimizer state advances: each row behaves as its own
-optimizer, stepped when the row is in a batch (its own step count, so Adam's bias
-correction counts that row's visits). For SGD without momentum and for Adagrad this is
-exactly the dense step (a row with zero gradient does not move there); for optimizers
-with momentum it is not, by design (a dense step moves unvisited rows by momentum).
-
-One rule per optimizer family, written on the rows: ``init(p, group)`` gives the state
-tensors at the param's full size, ``update(x, g, state, step, group)`` steps rows ``x``
-with gradient ``g`` in place, ``state`` holding the same rows of each state tensor and
-``step`` the rows' step counts (float64, already advanced, shaped to broadcast).
+One function per optimizer family maps ``(rows of the param, their gradient, their state,
+their step counts, the group's options)`` to the rows' new values and state; the driver,
+:func:`update_rows`, gathers the rows, calls it and writes the rows back. The state lives
+in the torch optimizer's state for the full param, with the same keys torch uses plus a
+per-row ``step`` (one count per row, so that bias corrections are per row), so that
+checkpoints hold it like any other optimizer state.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 
-
-class RowRule(NamedTuple):
-    init: Callable[[torch.Tensor, dict], dict]
-    update: Callable[[torch.Tensor, torch.Tensor, dict, torch.Tensor, dict], None]
+RowFn = Callable[[torch.Tensor, torch.Tensor, dict, torch.Tensor, dict], torch.Tensor]
 
 
-def _zeros(*names: str) -> Callable[[torch.Tensor, dict], dict]:
-    return lambda p, group: {n: torch.zeros_like(p) for n in names}
-
-
-def _signed(g: torch.Tensor, x: torch.Tensor, group: dict, coupled_decay: bool = True):
-    """The gradient after ``maximize`` and L2 weight decay, as torch applies them."""
-    if group.get("maximize", False):
+def _grad(p, g, group):
+    """The gradient a step uses: negated to maximize, then with L2 weight decay (torch's
+    order)."""
+    if group.get("maximize"):
         g = -g
-    if coupled_decay and group.get("weight_decay", 0):
-        g = g.add(x, alpha=group["weight_decay"])
-    return g
+    wd = group.get("weight_decay", 0)
+    return g.add(p, alpha=wd) if wd else g
 
 
-def _adam_init(p: torch.Tensor, group: dict) -> dict:
-    names = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group.get("amsgrad") else ())
-    return _zeros(*names)(p, group)
-
-
-def _adam_update(x, g, state, step, group) -> None:
-    lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-    decoupled = group.get("decoupled_weight_decay", False)
-    g = _signed(g, x, group, coupled_decay=not decoupled)
-    if decoupled and group.get("weight_decay", 0):
-        x.mul_(1 - lr * group["weight_decay"])
-    m, v = state["exp_avg"], state["exp_avg_sq"]
-    m.lerp_(g, 1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+def _adam(p, g, st, k, group, decoupled=False, clipped=False):
+    """Adam, AdamW and ClippedAdam (element-wise gradient clamp, ``lrd`` decay per step)."""
+    beta1, beta2 = group["betas"]
+    lr = group["lr"]
+    if clipped:
+        g = g.clamp(-group["clip_norm"], group["clip_norm"])
+        lr = lr * group["lrd"] ** k
+    if decoupled:
+        if group.get("maximize"):
+            g = -g
+        p = p * (1 - lr * group["weight_decay"])
+    else:
+        g = _grad(p, g, group)
+    m = st["exp_avg"].lerp(g, 1 - beta1)
+    dev = g - m if group.get("centered_variance") else g
+    v = st["exp_avg_sq"] * beta2 + dev * dev * (1 - beta2)
+    st["exp_avg"], st["exp_avg_sq"] = m, v
     if group.get("amsgrad"):
-        torch.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])
-        v = state["max_exp_avg_sq"]
-    step_size = (lr / (1 - beta1**step)).to(x.dtype)
-    bc2_sqrt = ((1 - beta2**step) ** 0.5).to(x.dtype)
-    x.sub_(step_size * m / (v.sqrt() / bc2_sqrt + eps))
+        v = st["max_exp_avg_sq"] = torch.maximum(st["max_exp_avg_sq"], v)
+    bias1 = 1 - beta1**k
+    bias2 = 1 - beta2**k
+    if clipped:  # Pyro's ClippedAdam puts eps before the bias correction
+        return p - (lr * bias2.sqrt() / bias1) * m / (v.sqrt() + group["eps"])
+    return p - (lr / bias1) * m / (v.sqrt() / bias2.sqrt() + group["eps"])
 
 
-def _sgd_update(x, g, state, step, group) -> None:
-    g = _signed(g, x, group)
+def _sgd(p, g, st, k, group):
+    g = _grad(p, g, group)
     momentum = group.get("momentum", 0)
     if momentum:
-        buf = state["momentum_buffer"]
-        # A row's first step starts its buffer at its gradient (as torch does per param).
-        buf.copy_(torch.where(step == 1, g, buf * momentum + (1 - group["dampening"]) * g))
+        buf = torch.where(
+            k == 1, g, st["momentum_buffer"] * momentum + g * (1 - group.get("dampening", 0))
+        )
+        st["momentum_buffer"] = buf
         g = g + momentum * buf if group.get("nesterov") else buf
-    x.sub_(group["lr"] * g)
+    return p - group["lr"] * g
 
 
-def _adagrad_init(p: torch.Tensor, group: dict) -> dict:
-    return {"sum": torch.full_like(p, group.get("initial_accumulator_value", 0.0))}
+def _adagrad(p, g, st, k, group):
+    g = _grad(p, g, group)
+    lr = group["lr"] / (1 + (k - 1) * group.get("lr_decay", 0))
+    st["sum"] = st["sum"] + g * g
+    return p - lr * g / (st["sum"].sqrt() + group["eps"])
 
 
-def _adagrad_update(x, g, state, step, group) -> None:
-    g = _signed(g, x, group)
-    clr = (group["lr"] / (1 + (step - 1) * group.get("lr_decay", 0))).to(x.dtype)
-    state["sum"].addcmul_(g, g, value=1)
-    x.sub_(clr * g / (state["sum"].sqrt() + group["eps"]))
-
-
-def _rmsprop_init(p: torch.Tensor, group: dict) -> dict:
-    names = ("square_avg",)
-    names += ("momentum_buffer",) if group.get("momentum", 0) > 0 else ()
-    names += ("grad_avg",) if group.get("centered") else ()
-    return _zeros(*names)(p, group)
-
-
-def _rmsprop_update(x, g, state, step, group) -> None:
-    g = _signed(g, x, group)
+def _rmsprop(p, g, st, k, group):
+    g = _grad(p, g, group)
     alpha = group["alpha"]
-    sq = state["square_avg"]
-    sq.mul_(alpha).addcmul_(g, g, value=1 - alpha)
+    sq = st["square_avg"] = st["square_avg"] * alpha + g * g * (1 - alpha)
     if group.get("centered"):
-        state["grad_avg"].lerp_(g, 1 - alpha)
-        avg = sq.addcmul(state["grad_avg"], state["grad_avg"], value=-1).sqrt_()
+        avg_g = st["grad_avg"] = st["grad_avg"].lerp(g, 1 - alpha)
+        avg = (sq - avg_g * avg_g).sqrt() + group["eps"]
     else:
-        avg = sq.sqrt()
-    avg = avg.add_(group["eps"])
-    if group.get("momentum", 0) > 0:
-        buf = state["momentum_buffer"]
-        buf.mul_(group["momentum"]).addcdiv_(g, avg)
-        x.sub_(group["lr"] * buf)
-    else:
-        x.addcdiv_(g, avg, value=-group["lr"])
+        avg = sq.sqrt() + group["eps"]
+    if group.get("momentum", 0):
+        buf = st["momentum_buffer"] = st["momentum_buffer"] * group["momentum"] + g / avg
+        return p - group["lr"] * buf
+    return p - group["lr"] * g / avg
 
 
-def _adadelta_update(x, g, state, step, group) -> None:
-    g = _signed(g, x, group)
+def _adadelta(p, g, st, k, group):
+    g = _grad(p, g, group)
     rho, eps = group["rho"], group["eps"]
-    sq, acc = state["square_avg"], state["acc_delta"]
-    sq.mul_(rho).addcmul_(g, g, value=1 - rho)
-    delta = acc.add(eps).sqrt_().div_(sq.add(eps).sqrt_()).mul_(g)
-    acc.mul_(rho).addcmul_(delta, delta, value=1 - rho)
-    x.sub_(group["lr"] * delta)
+    sq = st["square_avg"] = st["square_avg"] * rho + g * g * (1 - rho)
+    delta = (st["acc_delta"] + eps).sqrt() / (sq + eps).sqrt() * g
+    st["acc_delta"] = st["acc_delta"] * rho + delta * delta * (1 - rho)
+    return p - group["lr"] * delta
 
 
-def _clipped_adam_update(x, g, state, step, group) -> None:
-    """Pyro's ClippedAdam: clamped gradient, ``lr * lrd**k`` at a row's k-th step."""
-    (beta1, beta2), eps = group["betas"], group["eps"]
-    g = g.clamp(-group["clip_norm"], group["clip_norm"])
-    if group["weight_decay"]:
-        g = g.add(x, alpha=group["weight_decay"])
-    m, v = state["exp_avg"], state["exp_avg_sq"]
-    m.mul_(beta1).add_(g, alpha=1 - beta1)
-    dev = g - m if group["centered_variance"] else g
-    v.mul_(beta2).addcmul_(dev, dev, value=1 - beta2)
-    lr = group["lr"] * group["lrd"] ** step
-    step_size = (lr * (1 - beta2**step) ** 0.5 / (1 - beta1**step)).to(x.dtype)
-    x.sub_(step_size * m / (v.sqrt() + eps))
+def _adagrad_rmsprop(p, g, st, k, group):
+    t = group["t"]
+    st["sum"] = torch.where(k == 1, g * g, st["sum"] * (1 - t) + g * g * t)
+    lr = group["eta"] * k ** (-0.5 + group["delta"])
+    return p - lr * g / (st["sum"].sqrt() + 1)
 
 
-ROW_RULES: dict[type, RowRule] = {
-    torch.optim.Adam: RowRule(_adam_init, _adam_update),
-    torch.optim.AdamW: RowRule(_adam_init, _adam_update),
-    torch.optim.SGD: RowRule(_zeros("momentum_buffer"), _sgd_update),
-    torch.optim.Adagrad: RowRule(_adagrad_init, _adagrad_update),
-    torch.optim.RMSprop: RowRule(_rmsprop_init, _rmsprop_update),
-    torch.optim.Adadelta: RowRule(_zeros("square_avg", "acc_delta"), _adadelta_update),
+def _zeros(p, group):
+    return torch.zeros_like(p)
+
+
+# family: (row function, {state key: initial value of the full tensor})
+_FAMILIES: dict[str, tuple[RowFn, dict]] = {
+    "Adam": (_adam, {"exp_avg": _zeros, "exp_avg_sq": _zeros, "max_exp_avg_sq": _zeros}),
+    "AdamW": (
+        lambda *a: _adam(*a, decoupled=True),
+        {"exp_avg": _zeros, "exp_avg_sq": _zeros, "max_exp_avg_sq": _zeros},
+    ),
+    "PerParamClippedAdam": (  # the k-th step's lr is lr * lrd**k (not clipped_adam.ClippedAdam)
+        lambda *a: _adam(*a, clipped=True),
+        {"exp_avg": _zeros, "exp_avg_sq": _zeros},
+    ),
+    "SGD": (_sgd, {"momentum_buffer": _zeros}),
+    "Adagrad": (
+        _adagrad,
+        {"sum": lambda p, group: torch.full_like(p, group.get("initial_accumulator_value", 0))},
+    ),
+    "RMSprop": (
+        _rmsprop,
+        {"square_avg": _zeros, "grad_avg": _zeros, "momentum_buffer": _zeros},
+    ),
+    "Adadelta": (_adadelta, {"square_avg": _zeros, "acc_delta": _zeros}),
+    "AdagradRMSProp": (_adagrad_rmsprop, {"sum": _zeros}),
 }
-CLIPPED_ADAM_RULE = RowRule(_zeros("exp_avg", "exp_avg_sq"), _clipped_adam_update)
 
 
-def row_rule(constructor: type) -> RowRule | None:
-    """The row rule of a torch optimizer class (its own ``row_rule`` attribute wins)."""
-    rule = getattr(constructor, "row_rule", None)
-    if rule is not None:
-        return rule
-    for cls in constructor.__mro__:
-        if cls in ROW_RULES:
-            return ROW_RULES[cls]
-    return None
+def supports_lazy(constructor: type) -> bool:
+    """Whether ``constructor`` (a torch optimizer class) has a lazy row update."""
+    return any(c.__name__ in _FAMILIES for c in constructor.__mro__)
 
 
-def init_row_state(rule: RowRule, p: torch.Tensor, dim: int, group: dict) -> dict:
-    state = rule.init(p.detach(), group)
-    state["step"] = torch.zeros(p.shape[dim], dtype=torch.float64, device=p.device)
-    return state
+def _family(optimizer: torch.optim.Optimizer) -> tuple[RowFn, dict]:
+    for c in type(optimizer).__mro__:
+        if c.__name__ in _FAMILIES:
+            return _FAMILIES[c.__name__]
+    raise TypeError(f"{type(optimizer).__name__} has no lazy row update")
+
+
+def _row_shape(full: torch.Tensor, dim: int, n: int) -> list[int]:
+    shape = [1] * full.dim()
+    shape[dim] = n
+    return shape
 
 
 @torch.no_grad()
-def step_rows(
-    rule: RowRule,
-    p: torch.Tensor,
+def update_rows(
+    optimizer: torch.optim.Optimizer,
+    group: dict,
+    full: torch.Tensor,
     dim: int,
     index: torch.Tensor,
     grad: torch.Tensor,
-    state: dict,
-    group: dict,
 ) -> None:
-    """Step rows ``index`` (unique) of ``p`` along ``dim`` with their gradient ``grad``."""
-    x = p.index_select(dim, index)
-    rows = {k: v.index_select(0 if k == "step" else dim, index) for k, v in state.items()}
-    rows["step"] += 1
-    shape = [1] * p.dim()
-    shape[dim] = len(index)
-    rule.update(x, grad.to(x.dtype), rows, rows["step"].view(shape), group)
-    p.index_copy_(dim, index, x)
-    for k, v in rows.items():
-        state[k].index_copy_(0 if k == "step" else dim, index, v)
+    """Step rows ``index`` (along ``dim``) of ``full`` by their gradient ``grad``; only
+    those rows' values, state and step counts change."""
+    fn, keys = _family(optimizer)
+    state = optimizer.state[full]
+    n = full.shape[dim]
+    steps = state.get("step")
+    if steps is None or steps.dim() == 0:
+        # none yet, or dense steps so far (torch's one count for all rows)
+        start = 0.0 if steps is None else float(steps)
+        if steps is None and "momentum_buffer" in state:
+            start = 1.0  # torch's SGD keeps no count; its buffer means it has stepped
+        steps = state["step"] = torch.full((n,), start, dtype=torch.float32, device=full.device)
+    wanted = [key for key in keys if key in state or _needs(key, group)]
+    for key in wanted:
+        if key not in state or state[key] is None:
+            state[key] = keys[key](full, group)
+    k = steps.index_select(0, index) + 1
+    steps.index_copy_(0, index, k)
+    row_state = {key: state[key].index_select(dim, index) for key in wanted}
+    p = full.index_select(dim, index)
+    k = k.to(p.dtype).reshape(_row_shape(full, dim, len(index)))
+    new = fn(p, grad, row_state, k, group)
+    full.index_copy_(dim, index, new)
+    for key in wanted:
+        state[key].index_copy_(dim, index, row_state[key])
+
+
+def _needs(key: str, group: dict) -> bool:
+    if key == "max_exp_avg_sq":
+        return bool(group.get("amsgrad"))
+    if key == "grad_avg":
+        return bool(group.get("centered"))
+    if key == "momentum_buffer":
+        return bool(group.get("momentum", 0))
+    return True

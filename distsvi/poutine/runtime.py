@@ -75,6 +75,14 @@ class Message(TypedDict, total=False):
     continuation: Callable[[Message], None] | None
 
 
+def get_plates() -> tuple:
+    """The ``CondIndepStackFrame`` of each enclosing plate, outermost first (at
+    Pyro's path, ``poutine.runtime.get_plates``)."""
+    return tuple(
+        frame for handler in _STACK if (frame := getattr(handler, "_frame", None)) is not None
+    )
+
+
 def am_i_wrapped() -> bool:
     """``True`` when any handler is active (otherwise primitives take their fast path)."""
     return bool(_STACK)

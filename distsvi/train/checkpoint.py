@@ -31,6 +31,7 @@ import torch.distributed as torch_dist
 import distsvi
 from distsvi import distributed
 from distsvi.distributed.data import rank_seed
+from distsvi.optim.optim import without_hyperparameters
 from distsvi.train.config import TrainConfig, diff_configs, from_yaml, to_yaml
 from distsvi.train.errors import ConfigError, RunFailed, first_line
 from distsvi.train.job import Job, cuda_devices
@@ -384,6 +385,4 @@ def compare_configs(
 def _without_hyperparameters(optim_state: dict[str, Any]) -> dict[str, Any]:
     """Optimizer state whose saved hyper-parameters (lr, betas, ...) give way to the
     config's: moments and step counts are kept."""
-    if "params" in optim_state and "cohorts" in optim_state:  # a scheduler's
-        return {**optim_state, "params": _without_hyperparameters(optim_state["params"])}
-    return {name: {**entry, "group": {}} for name, entry in optim_state.items()}
+    return without_hyperparameters(optim_state)

@@ -122,6 +122,9 @@ class OptimConfig:
     """Overrides by param-name prefix, e.g. ``{"AutoNormal.scales": {lr: 0.001}}``."""
     clip_norm: float | None = None
     """Clip the global gradient norm (after the cross-rank average) to this value."""
+    local_updates: str = "dense"
+    """dense (every row of a local param steps, Pyro's numbers) or lazy (only the rows of the
+    step's batch and their optimizer state advance: a step costs its batch, not the data)."""
 
 
 @dataclass
@@ -167,9 +170,10 @@ class RunConfig:
 
 
 # run.compile=auto compiles runs of at least this many steps. Measured with
-# benchmarks/compile_payoff.py on the shipped configs (2-core CPU): compiling costs 20-40 s
-# and saves 0.3-2 ms per step, so it pays back after roughly 10k-100k steps.
-COMPILE_AUTO_MIN_STEPS = 20_000
+# benchmarks/compile_payoff.py on the shipped configs (2-core CPU, one thread): the compile
+# costs 11-36 s and a compiled step is 1.7-3x faster, which repays the compile after
+# 2,300-3,900 steps; the threshold leaves a margin for models that gain less.
+COMPILE_AUTO_MIN_STEPS = 5_000
 
 
 def compiles(run: RunConfig, total_steps: int) -> bool:
@@ -553,6 +557,11 @@ def check_ranges(cfg: TrainConfig, base_dir: Path = Path("."), world_size: int =
     require(o.lr < float("inf"), "optim.lr", f"must be finite, got {o.lr}")
     require(o.clip_norm is None or o.clip_norm > 0, "optim.clip_norm", "must be > 0 or null")
     require(
+        o.local_updates in ("dense", "lazy"),
+        "optim.local_updates",
+        f"must be dense or lazy, got {o.local_updates!r}",
+    )
+    require(
         cfg.dist.timeout_s <= MAX_TIMEOUT_S,
         "dist.timeout_s",
         f"must be at most {MAX_TIMEOUT_S} (a week), got {cfg.dist.timeout_s}",
@@ -772,7 +781,7 @@ def _check_options(fn: Any, options: dict[str, Any], key: str, skip: tuple = ())
     except (TypeError, ValueError):
         return  # not introspectable: the call will tell
     try:
-        signature.bind_partial(*[None] * len(skip), **options)
+        bound = signature.bind_partial(*[None] * len(skip), **options)
     except TypeError as e:
         name = getattr(fn, "__name__", str(fn))
         hidden = {"self", "model", "params", "optimizer", "lr" if "params" in skip else "", *skip}
@@ -791,6 +800,31 @@ def _check_options(fn: Any, options: dict[str, Any], key: str, skip: tuple = ())
                 f"{', '.join(allowed) or 'none'}",
             ) from None
         raise ConfigError(key, f"{e} (options of {name}: {', '.join(allowed) or 'none'})") from None
+    for option, value in bound.arguments.items():
+        if option in options:
+            _check_option_type(signature.parameters[option], value, f"{key}.{option}")
+
+
+def _check_option_type(param: inspect.Parameter, value: Any, key: str) -> None:
+    """An option whose default (or annotation) is a plain number, flag or string takes a
+    value of that kind: ``num_groups: abc`` is refused here, not deep inside a step."""
+    annotation = (
+        param.annotation
+        if isinstance(param.annotation, str)
+        else getattr(param.annotation, "__name__", "")
+    )
+    default = param.default
+    if "float" in str(annotation) or isinstance(default, float) and not isinstance(default, bool):
+        want, ok = "a number", isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, bool):
+        want, ok = "true or false", isinstance(value, bool)
+    elif isinstance(default, int):
+        want, ok = "an integer", isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, str) and str(annotation) in ("", "str"):
+        want, ok = "a string", isinstance(value, str)
+    else:
+        return
+    require(ok, key, f"must be {want} (default {default!r}), got {value!r}")
 
 
 def _check_optim(cfg: TrainConfig) -> None:

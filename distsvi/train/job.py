@@ -5,6 +5,7 @@ training step, validation, posterior predictive samples)."""
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -137,8 +138,12 @@ class GradMonitor:
         self.skipped = 0
         self.grad_norm = torch.zeros(())
 
-    def __call__(self, loss: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    def __call__(
+        self, loss: torch.Tensor, params: dict[str, torch.Tensor]
+    ) -> torch.Tensor | float | None:
         if self.inner is not None:
+            # Across ranks the data-parallel layer has averaged the gradients and decided
+            # on skipping (its flags ride in the gradient all-reduce): no host read here.
             loss = self.inner(loss, params)
             if loss is None:  # skipped (or to be rerun) by the data-parallel layer
                 return None
@@ -146,15 +151,21 @@ class GradMonitor:
         if not grads:
             return loss
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        self.grad_norm = norm.detach()
-        # Sync point: one host read per step to decide whether to skip.
-        if not bool(torch.isfinite(norm + loss.detach())):
-            if self.policy is not None and self.inner is None:
-                return self.policy._bad_step(params)  # raises after max_bad_steps in a row
-            self.skipped += 1
-            return None
-        if self.policy is not None and self.inner is None:
-            self.policy.bad_in_a_row = 0
+        self.grad_norm = norm.detach()  # a tensor: read on log steps only
+        if self.inner is None:
+            # Sync point: the step's one host read, loss and gradient norm together, to
+            # decide whether to skip; SVI returns the loss read here.
+            loss_value, norm_value = torch.stack(
+                (loss.detach().reshape(()).to(norm.dtype), norm)
+            ).tolist()
+            if not math.isfinite(loss_value + norm_value):
+                if self.policy is not None:
+                    return self.policy._bad_step(params)  # raises after max_bad_steps in a row
+                self.skipped += 1
+                return None
+            if self.policy is not None:
+                self.policy.bad_in_a_row = 0
+            loss = loss_value
         if self.clip_norm is not None:
             torch._foreach_mul_(grads, torch.clamp(self.clip_norm / (norm + 1e-6), max=1.0))
         return loss
@@ -167,19 +178,32 @@ class ReplayOnRerun:
     DataParallelSVI reruns a step when params first appear (after broadcasting rank 0's
     values). A resumed run's first step is such a rerun; replaying the step's draws makes
     it the step the uninterrupted run took, so resuming repeats the run exactly.
+
+    Copying the RNG state costs a little each step, so it is copied only while a rerun
+    may come: on a process's first step and on the steps after one that created params
+    (the param store's version moved). A param first created later in a run has its step
+    rerun with fresh draws (still a valid step, not a replay of the first run).
     """
 
     def __init__(self, fn: Callable, devices: list[int]) -> None:
         self.fn, self.devices = fn, devices
         self.state: tuple | None = None
+        self.armed = True
+        self.first_run = True
+        self.version: int | None = None
 
     def begin_step(self) -> None:
-        self.state = None
+        version = distsvi.get_param_store().version
+        self.armed = self.version is None or version != self.version
+        self.version = version
+        self.state, self.first_run = None, True
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.state is None:
-            self.state = _get_rng(self.devices)
-        else:
+        if self.first_run:
+            self.first_run = False
+            if self.armed:
+                self.state = _get_rng(self.devices)
+        elif self.state is not None:
             _set_rng(self.state, self.devices)
         return self.fn(*args, **kwargs)
 
@@ -205,6 +229,14 @@ def build_model(cfg: TrainConfig) -> tuple[Any, Callable]:
             obj = target(**cfg.model.options)
         except TypeError as e:
             raise ConfigError("model.options", f"{cfg.model.name}: {e}") from None
+        except Exception as e:
+            if cfg.model.name not in BUILTIN:
+                raise  # the user's class: its traceback shows where
+            raise ConfigError(
+                "model.options",
+                f"{cfg.model.name} cannot be built with {cfg.model.options}: "
+                f"{type(e).__name__}: {first_line(e)}",
+            ) from None
         if callable(getattr(obj, "model", None)):
             return obj, obj.model
         if isinstance(obj, PyroModule):
@@ -255,10 +287,11 @@ def build_optim(cfg: TrainConfig) -> tuple[Any, Any]:
 
     args: Any = per_param if o.per_param else base
     if cfg.schedule.name == "none":
-        return getattr(optim_lib, o.name)(args), None
+        return getattr(optim_lib, o.name)(args, local_updates=o.local_updates), None
     torch_optim = getattr(torch.optim, o.name)
     scheduler = getattr(optim_lib, SCHEDULERS[cfg.schedule.name])(
-        {"optimizer": torch_optim, "optim_args": args, **cfg.schedule.options}
+        {"optimizer": torch_optim, "optim_args": args, **cfg.schedule.options},
+        local_updates=o.local_updates,
     )
     return scheduler, scheduler
 

@@ -20,9 +20,10 @@ from distsvi import distributed
 from distsvi.distributed.data import rank_seed
 from distsvi.train import checkpoint
 from distsvi.train.config import TrainConfig, to_yaml
-from distsvi.train.errors import RunFailed
+from distsvi.train.errors import ConfigError, RunFailed, first_line
 from distsvi.train.job import Job, build_job, first_non_finite, posterior_predictive, validate
 from distsvi.train.metrics import Progress, Timer, make_metrics, peak_memory_mb
+from distsvi.train.models import BUILTIN
 from distsvi.train.process import DirLock
 
 
@@ -74,13 +75,14 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         timer = Timer()
         val_loss = math.nan
         for step in range(start + 1, job.total_steps + 1):
-            loss = take_step(job)
+            loss = take_step(job, first=step == start + 1)
             timer.tick()
             if job.scheduler is not None and step % cfg.schedule.every == 0:
                 job.scheduler.step()
             last = step == job.total_steps
             values: dict[str, float] = {}
             if step % cfg.run.log_every == 0 or last:
+                # Sync point (log steps only): the gradient norm stays on the device otherwise.
                 values = {
                     "loss/train": loss,
                     "loss/train_per_datapoint": loss / job.split.num_train,
@@ -137,14 +139,30 @@ def _leave(done: bool) -> None:
         distributed.shutdown()
 
 
-def take_step(job: Job) -> float:
+def take_step(job: Job, first: bool = False) -> float:
     """One step; a run that diverged stops with :class:`RunFailed` naming the first
-    non-finite param or site (looked for only now, so the steps before pay nothing)."""
+    non-finite param or site (looked for only now, so the steps before pay nothing).
+
+    A built-in model that fails on the first step of a process was given options or data
+    it cannot run with: a :class:`ConfigError`, not a traceback of distsvi's code.
+    """
     try:
         return job.step()
     except FloatingPointError as e:
         raise RunFailed(f"{e} {first_non_finite(job)}") from None
-    except ValueError:
+    except (RunFailed, ConfigError):
+        raise
+    except Exception as e:
+        if first and job.cfg.model.name in BUILTIN:
+            m, d = job.cfg.model, job.cfg.data
+            raise ConfigError(
+                "model.options",
+                f"the built-in model {m.name} (options {m.options}) cannot run on data.name "
+                f"{d.name} (options {d.options}): {type(e).__name__}: {first_line(e)}; give "
+                "options and data that fit each other (see configs/ for working pairs)",
+            ) from None
+        if not isinstance(e, ValueError):
+            raise
         # A distribution refusing a non-finite parameter (torch's constraint check) after a
         # diverging update is the same failure, found one step later.
         site = first_non_finite(job)

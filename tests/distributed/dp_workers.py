@@ -375,3 +375,43 @@ def compiled_and_eager(group: ProcessGroup, steps: int) -> dict:
         )
         out[name] = {**run, "compiled": dp.svi._compiled is not None}
     return out
+
+
+def mlp_model(x, y, batch=None, idx=None):
+    net = pyro.module("net", _NET)
+    with pyro.plate("data", y.shape[0], subsample_size=batch, subsample=idx) as i:
+        pyro.sample("obs", dist.Normal(net(x[i]).squeeze(-1), 1.0), obs=y[i])
+
+
+_NET = None
+
+
+def overlapped(group: ProcessGroup, overlap: bool, num_particles: int, steps: int) -> dict:
+    """A 4-layer MLP's params (several buckets at a 0.005 MiB cap) after ``steps`` steps."""
+    global _NET
+    seed_rank(0, group)
+    torch.manual_seed(0)
+    _NET = torch.nn.Sequential(
+        torch.nn.Linear(8, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(),
+        torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1),
+    )
+    pyro.clear_param_store()
+    seed_rank(0, group)
+    x, y = torch.randn(256, 8, generator=torch.Generator().manual_seed(1)), torch.randn(256)
+    elbo = Trace_ELBO(num_particles=num_particles)
+    dp = DataParallelSVI(
+        SVI(mlp_model, empty_guide, Adam({"lr": 0.01}), elbo),
+        group,
+        bucket_cap_mb=0.005,
+        overlap_backward=overlap,
+    )
+    early = []
+    for _ in range(steps):
+        dp.step(x, y, batch=16)
+        early.append(dp._reducer.started_in_backward)
+    return {
+        "params": {k: v.detach().clone() for k, v in _NET.state_dict().items()},
+        "buckets": len(dp._buckets),
+        "early": early,
+        "overlap": dp.overlap_backward,
+    }

@@ -15,7 +15,7 @@ def test_params_and_optimizer_state_bitwise_identical_after_50_steps(backend):
     r0, r1 = ok(run_ranks(w.identical_state, 50, backend=backend))
     assert_same(r0["params"], r1["params"])
     assert_same(r0["optim"], r1["optim"])
-    assert torch.is_tensor(r0["optim"]["AutoNormal.locs.z"]["state"]["exp_avg"])
+    assert torch.is_tensor(r0["optim"]["AutoNormal.locs.z"]["state"][0]["exp_avg"])
     assert r0["losses"] == r1["losses"]
     assert not torch.equal(r0["noise"], r1["noise"]), "Monte-Carlo noise must differ per rank"
 
@@ -109,3 +109,24 @@ def test_compiled_steps_take_the_eager_steps_on_two_ranks():
     )
     for name, value in r0["eager"]["params"].items():
         torch.testing.assert_close(r0["compiled"]["params"][name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_buckets_start_during_backward_and_change_no_number(backend):
+    """With several buckets the first ones are all-reduced while backward still runs;
+    the params after 8 steps are bit for bit those of reducing after backward."""
+    over = ok(run_ranks(w.overlapped, True, 1, 8, backend=backend))
+    after = ok(run_ranks(w.overlapped, False, 1, 8, backend=backend))
+    for r0, r1 in (over, after):
+        assert r0["buckets"] >= 3
+        assert_same(r0["params"], r1["params"])
+    assert_same(over[0]["params"], after[0]["params"])
+    assert over[0]["overlap"] and not after[0]["overlap"]
+    # The bucket with the loss waits for backward's end; the others started before it.
+    assert over[0]["early"][1:] == [over[0]["buckets"] - 1] * 7
+    assert after[0]["early"] == [0] * 8
+
+
+def test_a_loss_with_two_backward_passes_does_not_overlap(backend):
+    r0, r1 = ok(run_ranks(w.overlapped, True, 2, 3, backend=backend))
+    assert not r0["overlap"] and r0["early"] == [0, 0, 0]
+    assert_same(r0["params"], r1["params"])

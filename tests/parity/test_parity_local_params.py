@@ -38,7 +38,7 @@ def trajectory(P, guide_name: str) -> list:
     out = []
     for idx in BATCHES:
         loss = svi.step(idx)
-        out.append((loss, {k: store[k].detach().clone() for k in store.keys()}))
+        out.append((loss, {k: store[k].detach().clone() for k in store.keys()}))  # noqa: SIM118
     P.pyro.clear_param_store()
     return out
 
@@ -51,5 +51,9 @@ def test_dense_local_updates_match_pyro_over_20_adam_steps(guide_name):
         assert set(got_p) == set(want_p)
         for k, v in want_p.items():
             torch.testing.assert_close(
-                got_p[k], v, rtol=0, atol=1e-6, msg=lambda m: f"{k}, step {step}: {m}"
+                got_p[k],
+                v,
+                rtol=0,
+                atol=1e-6,
+                msg=lambda m, k=k, step=step: f"{k}, step {step}: {m}",
             )

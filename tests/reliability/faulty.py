@@ -71,7 +71,9 @@ def random_rows(n: int = 400, features: int = 5):
     """The README's own loader: draws with torch.randn from the global generator."""
     x = torch.randn(n, features)
     if "DATA_DUMP" in os.environ:  # what this rank loaded, for the test to compare
-        torch.save(x, os.path.join(os.environ["DATA_DUMP"], f"rank{os.environ.get('RANK', 0)}.pt"))
+        torch.save(
+            x, os.path.join(os.environ["DATA_DUMP"], f"rank{os.environ.get('RANK', '0')}.pt")
+        )
     return x, (x.sum(-1) > 0).float()
 
 

@@ -45,8 +45,9 @@ def test_rank_failure_ends_the_job_in_seconds_whatever_the_timeout(tmp_path):
         f"data.name={FAULTY}:fixed_rows",
         "dist.timeout_s=600",
     ]
-    proc = run_launch([*TWO, *job, *dirs(tmp_path)], timeout=240, FAULT_STEP="50",
-                      FAULT_MARKER=str(marker))
+    proc = run_launch(
+        [*TWO, *job, *dirs(tmp_path)], timeout=240, FAULT_STEP="50", FAULT_MARKER=str(marker)
+    )
     ended = time.time()
     assert proc.returncode != 0, proc.stderr[-3000:]
     assert marker.exists(), proc.stderr[-3000:]
@@ -65,8 +66,12 @@ def test_max_restarts_still_restarts_after_a_rank_failure(tmp_path):
         f"model.name={FAULTY}:raises_once_per_job",
         f"data.name={FAULTY}:fixed_rows",
     ]
-    proc = run_launch([*TWO, "--max-restarts", "1", *job, *dirs(tmp_path)], timeout=300,
-                      FAULT_STEP="30", FAULT_MARKER=str(tmp_path / "raised"))
+    proc = run_launch(
+        [*TWO, "--max-restarts", "1", *job, *dirs(tmp_path)],
+        timeout=300,
+        FAULT_STEP="30",
+        FAULT_MARKER=str(tmp_path / "raised"),
+    )
     assert (tmp_path / "raised").exists()
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "injected failure in the model" in proc.stderr
@@ -106,11 +111,16 @@ def test_sigkill_of_the_launcher_takes_its_workers(tmp_path):
     parent), so none goes on writing the checkpoint dir."""
     job = [*small(100_000), "checkpoint.every=20", *dirs(tmp_path)]
     with open(tmp_path / "launch.log", "w") as log:
-        proc = subprocess.Popen(launch_argv([*TWO, *job]), cwd=REPO, env=env(), stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            launch_argv([*TWO, *job]), cwd=REPO, env=env(), stdout=log, stderr=subprocess.STDOUT
+        )
         try:
-            wait_for(lambda: (tmp_path / "ck" / "step_00000020.pt").exists(), 180,
-                     "the first checkpoint", proc)
+            wait_for(
+                lambda: (tmp_path / "ck" / "step_00000020.pt").exists(),
+                180,
+                "the first checkpoint",
+                proc,
+            )
             workers = [p for p in processes_mentioning(str(tmp_path)) if p != proc.pid]
             assert len(workers) == 2, workers
             os.kill(proc.pid, signal.SIGKILL)
@@ -139,3 +149,33 @@ def test_launcher_after_a_finished_one_process_run(tmp_path):
     assert output.count("nothing to do") == 1
     assert "raise run.steps (e.g. run.steps=10)" in output
     assert "checkpoint.resume=never or a new checkpoint.dir" in output
+
+
+def test_a_full_disk_while_rank_0_saves_ends_the_job(tmp_path):
+    """Rank 0's save fails (a file size limit stands for a full disk): it stops with one
+    message, leaves no temporary file, and no rank waits for it."""
+    import resource
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8_000, 8_000))  # a checkpoint is 13 KB
+
+    job = [*small(40), "checkpoint.every=10", "dist.timeout_s=600", *dirs(tmp_path)]
+    start = time.monotonic()
+    proc = subprocess.run(
+        launch_argv([*TWO, *job]),
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+        preexec_fn=limit,
+    )
+    assert proc.returncode != 0
+    assert "distsvi: rank 0: cannot write checkpoint" in proc.stderr, proc.stderr[-3000:]
+    assert "step_00000010.pt" in proc.stderr and "free space" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list((tmp_path / "ck").glob(".*.tmp"))
+    assert not processes_mentioning(str(tmp_path))
+    assert time.monotonic() - start < 200

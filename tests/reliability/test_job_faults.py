@@ -45,10 +45,19 @@ def checkpoints(root) -> list:
 
 def test_a_second_job_on_a_locked_dir_is_refused_naming_the_holder(tmp_path, capsys):
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time; from distsvi.train.process import DirLock;"
-         f"DirLock({str(tmp_path / 'ck')!r}).acquire(); print('held', flush=True); time.sleep(60)"],
-        cwd=REPO, env=env(), stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            (
+                "import time; from distsvi.train.process import DirLock;"
+                f"DirLock({str(tmp_path / 'ck')!r}).acquire(); print('held', flush=True);"
+                "time.sleep(60)"
+            ),
+        ],
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -76,8 +85,14 @@ def test_a_second_job_on_a_locked_dir_is_refused_naming_the_holder(tmp_path, cap
     "change, keys",
     [
         (["guide.name=AutoDelta"], ["guide.name: 'AutoNormal' -> 'AutoDelta'"]),
-        (["model.name=hierarchical", "data.name=synthetic_hierarchical",
-          "data.options.num_points=500"], ["model.name", "data.name", "data.options"]),
+        (
+            [
+                "model.name=hierarchical",
+                "data.name=synthetic_hierarchical",
+                "data.options.num_points=500",
+            ],
+            ["model.name", "data.name", "data.options"],
+        ),
         (["loss.name=TraceMeanField_ELBO"], ["loss.name"]),
         (["run.batch_size=8"], ["run.batch_size: 16 -> 8"]),
     ],
@@ -110,7 +125,12 @@ def test_a_changed_feature_count_is_a_config_mismatch_not_a_traceback(tmp_path, 
         del os.environ["FEATURES"]
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
-    assert "does not fit this config" in err and "'AutoNormal.locs.w'" in err and "(5,)" in err and "(7,)" in err
+    assert (
+        "does not fit this config" in err
+        and "'AutoNormal.locs.w'" in err
+        and "(5,)" in err
+        and "(7,)" in err
+    )
     assert "checkpoint.resume=never" in err and "new checkpoint.dir" in err
     # Given as an option, the feature count is a changed key.
     assert train(*job, *dirs(tmp_path), "data.options.features=7") == 2
@@ -125,7 +145,9 @@ def test_safe_changes_take_effect_and_are_announced_in_one_line(tmp_path, capsys
     assert train(*small(20), *dirs(tmp_path), *QUIET, "run.log_every=1", "optim.lr=0.01") == 0
     out = capsys.readouterr().out
     announced = [line for line in out.splitlines() if line.startswith("resuming with changed")]
-    assert announced == ["resuming with changed settings: optim.lr 0.05 -> 0.01, run.steps 10 -> 20"]
+    assert announced == [
+        "resuming with changed settings: optim.lr 0.05 -> 0.01, run.steps 10 -> 20"
+    ]
     lr = scalars(tmp_path / "tb")["optim/lr"]
     assert lr[10] == pytest.approx(0.05) and lr[11] == pytest.approx(0.01)
     assert lr[20] == pytest.approx(0.01)
@@ -150,8 +172,13 @@ def test_a_few_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
 def test_non_finite_in_a_row_stops_naming_the_site_and_saves_no_nan(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FAULT_STEP", "5")
     monkeypatch.setenv("FAULT_LEN", "0")
-    job = [*small(40), "checkpoint.every=2", f"model.name={FAULTY}:nan_steps",
-           f"data.name={FAULTY}:fixed_rows", "run.max_bad_steps=4"]
+    job = [
+        *small(40),
+        "checkpoint.every=2",
+        f"model.name={FAULTY}:nan_steps",
+        f"data.name={FAULTY}:fixed_rows",
+        "run.max_bad_steps=4",
+    ]
     assert train(*job, *dirs(tmp_path), *QUIET) == 1
     err = capsys.readouterr().err
     final = err.strip().splitlines()[-1]
@@ -166,8 +193,16 @@ def test_non_finite_in_a_row_stops_naming_the_site_and_saves_no_nan(tmp_path, mo
 
 @pytest.mark.parametrize("config", ["debug", "hier_synthetic"])
 def test_a_diverging_learning_rate_ends_with_the_message(tmp_path, capsys, config):
-    job = [config, "run.steps=60", "run.val_every=1000", "checkpoint.every=5", "run.max_bad_steps=3",
-           "optim.lr=1e6", "checkpoint.resume=never", "predict.num_samples=5"]
+    job = [
+        config,
+        "run.steps=60",
+        "run.val_every=1000",
+        "checkpoint.every=5",
+        "run.max_bad_steps=3",
+        "optim.lr=1e6",
+        "checkpoint.resume=never",
+        "predict.num_samples=5",
+    ]
     if config == "hier_synthetic":
         job += ["data.options.num_points=2000", "run.batch_size=64"]
     assert train(*job, *dirs(tmp_path), *QUIET) == 1
@@ -240,8 +275,14 @@ def test_a_damaged_checkpoint_by_path_is_named(tmp_path, capsys, good_checkpoint
 
 
 def test_a_checkpoint_of_another_model_by_path_is_named(tmp_path, capsys, good_checkpoint):
-    argv = ["eval", str(DEBUG), "--checkpoint", str(good_checkpoint),
-            f"model.name={FAULTY}:logistic", f"data.name={FAULTY}:fixed_rows"]
+    argv = [
+        "eval",
+        str(DEBUG),
+        "--checkpoint",
+        str(good_checkpoint),
+        f"model.name={FAULTY}:logistic",
+        f"data.name={FAULTY}:fixed_rows",
+    ]
     assert cli.main([*argv, *dirs(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert str(good_checkpoint) in err and "does not fit this config" in err
@@ -274,8 +315,14 @@ def test_a_full_tensorboard_dir_warns_once_and_training_goes_on(tmp_path):
     """Checkpoints (13 KB) fit under the limit; the event file outgrows it."""
     argv = [*small(300), "run.log_every=1", "checkpoint.every=100", *dirs(tmp_path)]
     proc = subprocess.run(
-        [sys.executable, "-m", "distsvi.cli", "train", *argv], cwd=REPO, env=env(),
-        capture_output=True, text=True, timeout=180, preexec_fn=_limit_file_size(40_000),
+        [sys.executable, "-m", "distsvi.cli", "train", *argv],
+        cwd=REPO,
+        env=env(),
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        preexec_fn=_limit_file_size(40_000),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("cannot write TensorBoard events in") == 1, proc.stderr
@@ -285,11 +332,21 @@ def test_a_full_tensorboard_dir_warns_once_and_training_goes_on(tmp_path):
 
 
 def test_a_full_checkpoint_dir_stops_with_a_message_and_no_tmp(tmp_path):
-    argv = [*small(20), "checkpoint.every=10", "log.dir=" + str(tmp_path / "tb"),
-            "checkpoint.dir=" + str(tmp_path / "ck")]
+    argv = [
+        *small(20),
+        "checkpoint.every=10",
+        "log.dir=" + str(tmp_path / "tb"),
+        "checkpoint.dir=" + str(tmp_path / "ck"),
+    ]
     proc = subprocess.run(
-        [sys.executable, "-m", "distsvi.cli", "train", *argv], cwd=REPO, env=env(),
-        capture_output=True, text=True, timeout=180, preexec_fn=_limit_file_size(8_000),
+        [sys.executable, "-m", "distsvi.cli", "train", *argv],
+        cwd=REPO,
+        env=env(),
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        preexec_fn=_limit_file_size(8_000),
     )
     assert proc.returncode == 1, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
@@ -315,8 +372,17 @@ def test_predict_on_the_quickstart_gives_one_draw_per_sample(tmp_path, capsys):
     job = ["quickstart", "run.steps=5", "checkpoint.every=0", *QUIET]
     assert train(*job, *dirs(tmp_path)) == 0
     out = tmp_path / "samples.pt"
-    argv = ["predict", *job, "--checkpoint", str(checkpoints(tmp_path)[-1]),
-            "--num-samples", "7", "--out", str(out), *dirs(tmp_path)]
+    argv = [
+        "predict",
+        *job,
+        "--checkpoint",
+        str(checkpoints(tmp_path)[-1]),
+        "--num-samples",
+        "7",
+        "--out",
+        str(out),
+        *dirs(tmp_path),
+    ]
     assert cli.main(argv) == 0
     samples = torch.load(out, weights_only=True)["samples"]
     assert samples["w"].shape == (7, 30)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch._dynamo.utils import counters
-from train_helpers import CONFIGS, assert_params_close, dirs, final_params
+from train_helpers import CONFIGS, assert_params_close, dirs, final_params, run_launch
 
 from distsvi import cli
 from distsvi.train import load_config
@@ -52,3 +52,29 @@ def test_compile_modes_and_the_auto_rule():
 def test_a_bad_compile_mode_names_the_key():
     with pytest.raises(ConfigError, match="run.compile"):
         load_config("quickstart", ["run.compile=sometimes"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_compiled_job_on_two_ranks_ends_with_the_eager_params(tmp_path):
+    """Under the launcher (2 Gloo ranks), resumed halfway: compiled == eager."""
+    job = [str(CONFIGS / "quickstart.yaml"), *SHORT, "run.steps=12", "checkpoint.every=6"]
+    for mode in ("false", "true"):
+        for steps in (6, 12):  # the second run resumes from the first one's checkpoint
+            proc = run_launch(
+                [
+                    "--nproc-per-node",
+                    "2",
+                    *job,
+                    f"run.steps={steps}",
+                    f"run.compile={mode}",
+                    *dirs(tmp_path / mode),
+                ],
+                timeout=600,
+            )
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    eager, compiled = (
+        final_params(tmp_path / "false" / "ck"),
+        final_params(tmp_path / "true" / "ck"),
+    )
+    assert_params_close(compiled, eager, atol=1e-5)

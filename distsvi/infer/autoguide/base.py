@@ -144,6 +144,18 @@ class _DeltaPlan:
         return u if self.transform is None else self.transform(u)
 
 
+def _normal(loc: torch.Tensor, scale: torch.Tensor) -> Any:
+    """``Normal(loc, scale)`` for a guide's own params, which have one shape and valid values
+    by construction: made without ``broadcast_all`` and argument checks, a few times faster
+    to build (the same distribution; a compiled step builds it the usual way)."""
+    if loc.shape != scale.shape or torch.compiler.is_compiling():
+        return dist.Normal(loc, scale, validate_args=False)
+    q = dist.Normal.__new__(dist.Normal)
+    q.loc, q.scale = loc, scale
+    torch.distributions.Distribution.__init__(q, loc.shape, validate_args=False)
+    return q
+
+
 def _periodic_repeat(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
     """Tile ``x`` along ``dim`` up to length ``size`` (a subsample's init to full size)."""
     n = x.size(dim)
@@ -333,16 +345,6 @@ def _select(x: torch.Tensor, plate_dims: tuple, plates: dict, subsampled: set) -
         if name in subsampled:
             x = x.index_select(dim, plates[name].indices)
     return x
-
-
-def _row_selects(plate_dims: tuple, plates: dict, subsampled: set) -> list:
-    """``(indices, dim, size)`` of the subsampled plates of a site's param, for
-    :func:`~distsvi.primitives.param_rows` (which then reads only the batch's rows)."""
-    return [
-        (plates[name].indices, dim, plates[name].size)
-        for name, dim in plate_dims
-        if name in subsampled
-    ]
 
 
 _NO_PLATES = nullcontext()

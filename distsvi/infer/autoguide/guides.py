@@ -16,10 +16,23 @@ from .base import (
     _bijection,
     _DeltaPlan,
     _in_plates,
-    _row_selects,
+    _normal,
+    _select,
     _subsampled,
 )
 from .initialization import InitFn, init_to_feasible, init_to_median
+
+
+def _local(name, init, constraint, plate_dims, plates, subsampled) -> torch.Tensor:
+    """A site's param at this subsample's rows: an SVI step reads just those rows (see
+    :mod:`distsvi.params.rows`); any other read takes the whole param and selects."""
+    picks = [
+        (dim, plates[n].indices, plates[n].size, n) for n, dim in plate_dims if n in subsampled
+    ]
+    if constraint is None:
+        constraint = constraints.real
+    value, done = primitives._param_rows(name, init, constraint, picks)
+    return value if done else _select(value, plate_dims, plates, subsampled)
 
 
 class _NormalSite:
@@ -127,7 +140,7 @@ class AutoNormal(AutoGuide):
         return primitives.param(s.scale, s.init_scale, self.scale_constraint)
 
     def _forward(self, plates: dict, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
-        param, param_rows, sample = primitives.param, primitives.param_rows, primitives.sample
+        param, sample = primitives.param, primitives.sample
         subsampled = _subsampled(plates)
         scale_constraint = self.scale_constraint
         result = {}
@@ -135,13 +148,14 @@ class AutoNormal(AutoGuide):
             # No event_dim here: the rows are selected below, by this call's plates, so an
             # enclosing subsampled plate must not select them too.
             if subsampled:
-                rows = _row_selects(s.plate_dims, plates, subsampled)
-                loc = param_rows(s.loc, s.init_loc, constraints.real, rows)
-                scale = param_rows(s.scale, s.init_scale, scale_constraint, rows)
+                loc = _local(s.loc, s.init_loc, None, s.plate_dims, plates, subsampled)
+                scale = _local(
+                    s.scale, s.init_scale, scale_constraint, s.plate_dims, plates, subsampled
+                )
             else:
                 loc = param(s.loc, s.init_loc)
                 scale = param(s.scale, s.init_scale, scale_constraint)
-            q = dist.Normal(loc, scale, validate_args=False).to_event(s.event_dim)
+            q = _normal(loc, scale).to_event(s.event_dim)
             with _in_plates(plates, s.plate_dims):
                 u = sample(s.aux, q, infer=_AUX)
                 result[s.name] = sample(s.name, s.plan.delta(u))
@@ -218,8 +232,7 @@ class AutoDelta(AutoGuide):
         result = {}
         for s in self._sites:
             if subsampled:
-                rows = _row_selects(s.plate_dims, plates, subsampled)
-                value = primitives.param_rows(s.param, s.init, s.support, rows)
+                value = _local(s.param, s.init, s.support, s.plate_dims, plates, subsampled)
             else:
                 value = primitives.param(s.param, s.init, s.support)
             with _in_plates(plates, s.plate_dims):
