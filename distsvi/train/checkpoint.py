@@ -109,6 +109,8 @@ def load(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.stat().st_size == 0:
         raise CheckpointError(path, "is empty (a save was interrupted?)")
+    if not _is_zip(path):  # distsvi writes torch's zip format, never anything else
+        raise CheckpointError(path, "is not a torch checkpoint file (damaged, or another format)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -128,6 +130,10 @@ def load(path: str | Path) -> dict[str, Any]:
     except (PermissionError, IsADirectoryError) as e:
         raise CheckpointError(path, f"cannot be read ({e.strerror})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
+        if not _is_zip(path):
+            raise CheckpointError(
+                path, "is not a torch checkpoint file (damaged, or another format)"
+            ) from None
         # A torch file is a zip archive: a cut one fails to seek or lacks its directory.
         raise CheckpointError(
             path,

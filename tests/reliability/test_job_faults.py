@@ -9,6 +9,7 @@ those about other processes or the file system's limits run real subprocesses.
 from __future__ import annotations
 
 import os
+import random
 import resource
 import signal
 import subprocess
@@ -232,7 +233,7 @@ def _damage(kind: str, good, path) -> None:
     if kind == "truncated":
         path.write_bytes(data[: len(data) // 2])
     elif kind == "random":
-        path.write_bytes(os.urandom(4000))
+        path.write_bytes(bytes(random.Random(kind).randrange(256) for _ in range(4000)))
     elif kind == "empty":
         path.write_bytes(b"")
     elif kind == "objects":
