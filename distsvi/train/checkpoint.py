@@ -191,7 +191,13 @@ class Checkpointer:
         path = self.path(state["step"])
         try:
             save_atomic(state, path)
-        except OSError as e:  # a full disk or a quota: the run cannot keep its progress
+        except Exception as e:
+            # A full disk or a quota: the run cannot keep its progress. torch.save may
+            # report it as its zip writer's RuntimeError, raised while handling the OSError.
+            os_error = e if isinstance(e, OSError) else e.__context__
+            if not isinstance(os_error, OSError):
+                raise
+            e = os_error
             raise RunFailed(
                 f"cannot write checkpoint {path} ({e.strerror or e}); free space in "
                 f"{self.dir} or set checkpoint.dir to another directory, then run again "
