@@ -13,6 +13,11 @@ one thread: a few warm-up steps, then steps until ``--seconds`` of CPU time have
 of the N rows per epoch, as from a data loader. Columns: the mean CPU milliseconds per step; the MB of
 gradient the step hands to the optimizer (what a replicated data-parallel step all-reduces:
 the full N rows for dense, the batch's rows for lazy); the process's peak resident memory.
+With ``--ranks 2`` (run under ``torchrun``, one thread per rank) the implementations are
+distsvi dense + ``local_params="replicated"`` and lazy + ``"sharded"``: the plate draws
+each rank's batches, ``--min-steps`` steps are timed by the wall clock, the MB column is
+what ``DataParallelSVI.allreduce_bytes`` says a step all-reduces, and the memory column is
+the mean peak over ranks.
 Goal: lazy at N = 1e7 costs at most 1.3x lazy at N = 1e3.
 """
 
@@ -46,10 +51,11 @@ def build(impl: str, n: int):
     optim = importlib.import_module(f"{name}.optim")
     autoguide = importlib.import_module(f"{name}.infer.autoguide")
 
-    def model(x, idx):
-        with pyro.plate("data", n, subsample=idx):
+    def model(x, idx=None):
+        size = BATCH if idx is None else None  # None: the data-parallel shards draw
+        with pyro.plate("data", n, subsample=idx, subsample_size=size) as rows:
             z = pyro.sample("z", dist.Normal(torch.zeros(DIM), 1.0).to_event(1))
-            pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x[idx])
+            pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x[rows])
 
     pyro.clear_param_store()
     guide = autoguide.AutoNormal(model)
@@ -108,29 +114,72 @@ def one(impl: str, n: int, seconds: float, min_steps: int) -> dict:
     }
 
 
+def one_dp(impl: str, n: int, seconds: float, min_steps: int) -> dict | None:
+    """One rank of a 2-rank run under torchrun: dense+replicated or lazy+sharded."""
+    import distsvi.distributed as dd
+
+    group = dd.init()
+    dd.seed_rank(0, group)
+    torch.set_num_threads(1)
+    data = make_data(n)
+    svi = build(impl, n)
+    sharing = "sharded" if impl == "lazy" else "replicated"
+    dp = dd.DataParallelSVI(svi, group, local_params=sharing)
+    for _ in range(3):
+        dp.step(data)
+    times = []
+    for _ in range(min_steps):  # the same count on every rank (each step is collective)
+        t0 = time.perf_counter()
+        dp.step(data)
+        times.append(time.perf_counter() - t0)
+    peak = dd.reduce.all_reduce_scalars(
+        [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], group
+    )[0]
+    out = {
+        "impl": impl,
+        "n": n,
+        "ms": 1e3 * statistics.mean(times),
+        "steps": len(times),
+        "grad_mb": dp.allreduce_bytes / 1e6,
+        "rss_mb": peak / group.world_size,
+    }
+    dd.shutdown()
+    return out if group.rank == 0 else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1e3,1e4,1e5,1e6,1e7")
     parser.add_argument("--impls", default="pyro,dense,lazy")
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--min-steps", type=int, default=5)
+    parser.add_argument("--ranks", type=int, default=1, help="1, or 2 (under torchrun)")
     parser.add_argument("--one", nargs=2, metavar=("IMPL", "N"), help=argparse.SUPPRESS)
+    parser.add_argument("--one-dp", nargs=2, metavar=("IMPL", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one_dp:
+        impl, n = args.one_dp
+        r = one_dp(impl, int(float(n)), args.seconds, args.min_steps)
+        if r is not None:
+            print(json.dumps(r))
+        return
     if args.one:
         impl, n = args.one
         print(json.dumps(one(impl, int(float(n)), args.seconds, args.min_steps)))
         return
     impls = args.impls.split(",")
-    if "pyro" in impls and importlib.util.find_spec("pyro") is None:
+    if "pyro" in impls and (importlib.util.find_spec("pyro") is None or args.ranks > 1):
         impls.remove("pyro")
     sizes = [int(float(s)) for s in args.sizes.split(",")]
     results = {}
     for n in sizes:
         for impl in impls:
+            launch = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+            launch += [f"--nproc-per-node={args.ranks}"]
             cmd = [
-                sys.executable,
+                *(launch if args.ranks > 1 else [sys.executable]),
                 __file__,
-                "--one",
+                "--one-dp" if args.ranks > 1 else "--one",
                 impl,
                 str(n),
                 "--seconds",
@@ -150,12 +199,13 @@ def main() -> None:
                 file=sys.stderr,
                 flush=True,
             )
+    mb_label = "all-reduced" if args.ranks > 1 else "grad"
     print()
     print(
         "| N | "
         + " | ".join(f"{i} ms/step" for i in impls)
         + " | "
-        + " | ".join(f"{i} grad MB/step" for i in impls)
+        + " | ".join(f"{i} {mb_label} MB/step" for i in impls)
         + " | "
         + " | ".join(f"{i} peak RSS MB" for i in impls)
         + " |"

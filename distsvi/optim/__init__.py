@@ -14,6 +14,6 @@ __all__ = list(_optim.__all__)
 __all__ += _lr_scheduler.__all__
 lr_scheduler, optim = _lr_scheduler, _optim
 
-from .horovod import HorovodOptimizer  # noqa: E402
+from .horovod import HorovodOptimizer
 
 __all__ += ["HorovodOptimizer"]

@@ -163,7 +163,10 @@ def _broadcast(msg: Message) -> None:
             )
         target[frame.dim] = frame.size
     if tuple(target) != tuple(actual):
-        msg["fn"] = fn.expand(torch.Size(target))
+        expanded = fn.expand(torch.Size(target))
+        if expanded.has_rsample != fn.has_rsample:  # torch's expand drops has_rsample_()
+            expanded.has_rsample_(fn.has_rsample)
+        msg["fn"] = expanded
 
 
 def _draw(fn: Any) -> torch.Tensor:

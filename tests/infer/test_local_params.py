@@ -95,7 +95,6 @@ def test_reads_outside_a_step_are_whole():
 @pytest.mark.parametrize("guide", [AutoNormal, AutoDelta, param_guide])
 def test_dense_equals_the_step_without_row_reads(guide, monkeypatch):
     """Scattering the row gradient into a full gradient gives exactly today's dense step."""
-    want, _ = (None, None)
     got, _ = run(guide, optim.Adam({"lr": 0.05}), 8)
     pyro.clear_param_store()
     monkeypatch.setattr(rows_mod, "is_recording", lambda: False)

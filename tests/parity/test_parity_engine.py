@@ -346,6 +346,19 @@ def test_has_rsample_():
     assert got == want
 
 
+@pytest.mark.parametrize("has_rsample", [True, False])
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_has_rsample_survives_plates(has_rsample, depth):
+    def program(B):
+        loc = B.pyro.param("loc", torch.tensor(0.0))
+        with B.pyro.plate_stack("plates", (2,) * depth):
+            x = B.pyro.sample("x", B.dist.Normal(loc, 1.0).has_rsample_(has_rsample))
+        return tuple(x.shape), x.requires_grad
+
+    want, got = same_outcome(program)
+    assert got == want == ((2,) * depth, has_rsample)
+
+
 def test_validation_enabled_context():
     def program(B):
         enabled = B.infer.is_validation_enabled
