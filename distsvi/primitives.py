@@ -16,6 +16,7 @@ from torch.distributions import constraints
 
 from . import distributions as dist
 from .params import _PARAM_STORE, param_with_module_name
+from .params import rows as _rows
 from .poutine.runtime import _STACK, CondIndepStackFrame, Message, Messenger, _draw, apply_stack
 
 _VALIDATION = {"enabled": True}
@@ -134,6 +135,26 @@ def param(
     msg = new_message("param", name, _PARAM_STORE.get_param, args, {"event_dim": event_dim})
     apply_stack(msg)
     return msg["value"]
+
+
+def _param_rows(
+    name: str,
+    init_tensor: torch.Tensor | Callable[[], torch.Tensor] | None,
+    constraint: constraints.Constraint,
+    picks: list[tuple[int, torch.Tensor, int]],
+) -> tuple[torch.Tensor, bool]:
+    """``param(name, ...)`` for a reader that selects a subsample's rows itself (the
+    autoguides' locals): ``picks`` are ``(dim, indices, full size)``. Returns the value and
+    whether it already is just those rows (an SVI step's row-sparse read)."""
+    if not _STACK or not picks or not _rows.is_recording():
+        return param(name, init_tensor, constraint), False
+    request = _rows.RowRequest()
+    request.picks.extend(picks)
+    args = (name, init_tensor, constraint)
+    kwargs = {"event_dim": None, "rows": request}
+    msg = new_message("param", name, _PARAM_STORE.get_param, args, kwargs)
+    apply_stack(msg)
+    return msg["value"], request.done
 
 
 def factor(name: str, log_factor: torch.Tensor, *, has_rsample: bool | None = None) -> None:
@@ -387,11 +408,31 @@ class plate(_PlateFrame):
             with _SequentialPlate(frame, scale):
                 yield i
 
+    def process_message(self, msg: Message) -> None:
+        super().process_message(msg)
+        if (
+            msg["type"] == "param"
+            and self._subsampled
+            and msg["kwargs"].get("event_dim") is not None
+            and msg["value"] is None
+            and _rows.is_recording()
+        ):
+            # An SVI step: ask the store for this subsample's rows only (read before the
+            # constraint, as a leaf of their own), so that the step costs the batch.
+            request = msg["kwargs"].get("rows")
+            if request is None:
+                request = _rows.RowRequest()
+                msg["kwargs"] = {**msg["kwargs"], "rows": request}
+            request.picks.append((self.dim - msg["kwargs"]["event_dim"], self.indices, self.size))
+
     def postprocess_message(self, msg: Message) -> None:
         # A param declared with event_dim inside a subsampled plate has full-size batch
         # dims: hand out only the rows of this subsample (Pyro's rule).
         if msg["type"] != "param" or msg["kwargs"]["event_dim"] is None or self.size == -1:
             return
+        request = msg["kwargs"].get("rows")
+        if request is not None and request.done:
+            return  # the store handed out this subsample's rows already
         event_dim = msg["kwargs"]["event_dim"]
         dim = self.dim - event_dim
         value = msg["value"]

@@ -142,6 +142,9 @@ class DataParallelSVI:
                     "gradients. Wrap a fresh SVI."
                 )
             svi.grad_hook = self._reduce_grads
+            # Replicated local params: ranks touch different rows, so row gradients are
+            # averaged as full gradients and the optimizer steps every row.
+            svi._dense_rows = True
 
     def step(self, *args: Any, **kwargs: Any) -> float:
         """Take one SVI step on every rank with this rank's shard of the data.

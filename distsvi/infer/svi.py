@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..params import _PARAM_STORE
+from ..params import rows as _rows
 from ..poutine import handlers as poutine
 
 GradHook = Callable[[torch.Tensor, dict], "torch.Tensor | None"]
@@ -52,9 +53,18 @@ class SVI:
         created and the model is checked), later steps run the compiled loss (and the
         compiled optimizer step for torch's own optimizers without a scheduler). A param
         created inside a compiled step is updated in that step by the eager optimizer, and
-        the next step recompiles. Needs an ELBO loss.
+        the next step recompiles. Needs an ELBO loss. A compiled step reads local params
+        densely (the whole tensor, then the batch's rows), as Pyro does.
     :param num_samples: Pyro's (for its deprecated ``run``); unused.
     :param num_steps: Pyro's (for its deprecated ``run``); unused.
+
+    Local params, those with one row per datapoint read inside a subsampled plate
+    (AutoNormal's and AutoDelta's locals, ``param(..., event_dim=...)`` in the plate), are
+    read row-sparse by an eager step: the batch's rows of the unconstrained tensor become
+    a leaf of their own and only they are constrained, so neither the forward nor the
+    backward pass touches all N rows. The optimizer's ``local_updates`` then says what
+    the rows' gradient does (``"dense"``: Pyro's full step; ``"lazy"``: only those rows
+    step; see :class:`~distsvi.optim.PyroOptim`).
 
     Example::
 
@@ -119,30 +129,85 @@ class SVI:
         compiled = self._compiled
         if compiled is not None and _PARAM_STORE.version == compiled.store_version:
             return self._step_compiled(args, kwargs)
-        with poutine.trace(param_only=True) as param_capture:
+        with _rows.record_rows() as record, poutine.trace(param_only=True) as param_capture:
             loss = self.loss_and_grads(self.model, self.guide, *args, **kwargs)
         if not isinstance(loss, torch.Tensor):  # a custom loss_and_grads returning a float
             loss = torch.tensor(loss)
         params = {
             name: _leaf(name, site["value"]) for name, site in param_capture.trace.nodes.items()
         }
-        value = self._apply(loss, params)
+        value = self._apply(loss, params, rows=_rows.row_grads(record) if record else None)
         if self._compile_options is not None:
             self._prepare_compiled(params)  # after the step: the optimizer exists now
         return value
 
-    def _apply(self, loss: torch.Tensor, params: dict[str, torch.Tensor], optim_step=None) -> float:
-        """Hook, optimizer step, zeroed grads: the end of every step."""
+    def _apply(
+        self,
+        loss: torch.Tensor,
+        params: dict[str, torch.Tensor],
+        optim_step=None,
+        rows: dict[str, _rows.RowGrad] | None = None,
+    ) -> float:
+        """Row gradients, hook, optimizer step, zeroed grads: the end of every step.
+
+        ``rows`` are the step's row gradients of local params (see
+        :mod:`distsvi.params.rows`). An optimizer with ``local_updates="lazy"`` gets them
+        as they are and updates only those rows; any other optimizer sees them scattered
+        into full gradients, which is Pyro's step exactly. The hook sees a row gradient as
+        the gradient of a tensor of the rows' shape (norms and clipping are the same).
+        """
+        hooked, local = params, None
+        if rows:
+            if self._lazy_rows():
+                hooked, local = self._split_rows(params, rows)
+            else:
+                for rg in rows.values():
+                    _rows.scatter(rg)
+        step = optim_step or self.optim
         if self.grad_hook is not None:
-            reported = self.grad_hook(loss, params)
+            reported = self.grad_hook(loss, hooked)
             if reported is not None:
-                (optim_step or self.optim)(params)
+                self._step_optim(step, params, hooked, local)
                 loss = reported
         else:
-            (optim_step or self.optim)(params)
+            self._step_optim(step, params, hooked, local)
+        for p in hooked.values():
+            p.grad = None
         for p in params.values():
             p.grad = None
         return float(loss)  # host sync: the one per step, as Pyro's step returns a float
+
+    def _lazy_rows(self) -> bool:
+        return getattr(self.optim, "local_updates", "dense") == "lazy" and not getattr(
+            self, "_dense_rows", False
+        )
+
+    @staticmethod
+    def _split_rows(params: dict, rows: dict) -> tuple[dict, dict]:
+        hooked = {name: p for name, p in params.items() if name not in rows}
+        local = {}
+        for name, rg in rows.items():
+            if rg.full.grad is not None:
+                # Also read whole this step (outside its plate): every row takes this step.
+                _rows.scatter(rg)
+                grad, rg.full.grad = rg.full.grad, None
+                index = torch.arange(rg.full.shape[0], device=grad.device)
+                rg = _rows.RowGrad(name, rg.full, 0, index, grad)
+            holder = torch.empty_like(rg.grad).requires_grad_(True)
+            holder.grad = rg.grad
+            hooked[name] = holder
+            local[name] = rg
+        return hooked, local
+
+    @staticmethod
+    def _step_optim(step, params: dict, hooked: dict, local: dict | None) -> None:
+        if not local:
+            step(params)
+            return
+        dense = {name: p for name, p in params.items() if name not in local}
+        # the hook may have replaced a holder's gradient (averaged, clipped)
+        row_list = [rg._replace(grad=hooked[name].grad) for name, rg in local.items()]
+        step(dense, rows=row_list)
 
     def _prepare_compiled(self, params: dict[str, torch.Tensor]) -> None:
         elbo, model, guide = self._elbo, self.model, self.guide

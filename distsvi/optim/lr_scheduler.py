@@ -23,6 +23,7 @@ class PyroLRScheduler(PyroOptim):
     :param scheduler_constructor: a ``torch.optim.lr_scheduler`` class.
     :param optim_args: ``{"optimizer": torch.optim.X, "optim_args": {...}, **scheduler_kwargs}``,
         as in Pyro.
+    :param local_updates: ``"dense"`` or ``"lazy"``, as for :class:`~distsvi.optim.PyroOptim`.
 
     Call :meth:`step` (with the metric for ``ReduceLROnPlateau``) to advance the schedule.
     As in Pyro, a param's schedule starts when the param first appears: params created
@@ -33,7 +34,11 @@ class PyroLRScheduler(PyroOptim):
     """
 
     def __init__(
-        self, scheduler_constructor: type, optim_args: dict, clip_args: dict | None = None
+        self,
+        scheduler_constructor: type,
+        optim_args: dict,
+        clip_args: dict | None = None,
+        local_updates: str = "dense",
     ) -> None:
         args = dict(optim_args)
         try:
@@ -49,7 +54,7 @@ class PyroLRScheduler(PyroOptim):
                 f"scheduler 'optimizer' must be a torch.optim.Optimizer class such as "
                 f"torch.optim.Adam, got {optimizer!r}"
             )
-        super().__init__(optimizer, inner, clip_args)
+        super().__init__(optimizer, inner, clip_args, local_updates)
         self.pt_scheduler_constructor = self.scheduler_constructor = scheduler_constructor
         self.kwargs = args
         # A saved schedule (by _schedule_key) -> the cohort that resumes it: its params may
@@ -172,8 +177,10 @@ class ParamScheduler:
 
 
 def _scheduler(cls: type) -> Callable[..., PyroLRScheduler]:
-    def make(optim_args: dict, clip_args: dict | None = None) -> PyroLRScheduler:
-        return PyroLRScheduler(cls, optim_args, clip_args)
+    def make(
+        optim_args: dict, clip_args: dict | None = None, local_updates: str = "dense"
+    ) -> PyroLRScheduler:
+        return PyroLRScheduler(cls, optim_args, clip_args, local_updates)
 
     make.__doc__ = f"``torch.optim.lr_scheduler.{cls.__name__}`` with Pyro's interface."
     make.__name__ = make.__qualname__ = cls.__name__

@@ -21,7 +21,10 @@ import torch
 
 from ..params import _PARAM_STORE
 from .adagrad_rmsprop import AdagradRMSProp as _AdagradRMSPropTorch
+from . import rows as _rows
 from .clipped_adam import PerParamClippedAdam
+
+LOCAL_UPDATES = ("dense", "lazy")
 
 
 def _key(args: dict) -> tuple:
@@ -72,6 +75,14 @@ class PyroOptim:
     :param optim_args: its options, or a callable ``param_name -> options``.
     :param clip_args: optional ``{"clip_norm": x}`` or ``{"clip_value": x}`` applied to each
         param's gradient before the step (as in Pyro).
+    :param local_updates: how local params (one row per datapoint, read in a subsampled
+        plate) are updated, given the rows of a step's batch: ``"dense"`` (default) steps
+        every row, as Pyro does (an unvisited row still moves by its momentum);
+        ``"lazy"`` steps only the visited rows, whose values, optimizer state and step
+        counts (for bias corrections) advance only when they are in a batch, so each
+        row behaves as its own optimizer stepped when visited, and a step costs its
+        batch, not the data. For SGD without momentum and for Adagrad both give the same
+        numbers; for Adam and other optimizers with momentum they differ.
     """
 
     def __init__(
@@ -79,11 +90,22 @@ class PyroOptim:
         optim_constructor: type,
         optim_args: dict | Callable[[str], dict],
         clip_args: dict | None = None,
+        local_updates: str = "dense",
     ) -> None:
         if not (isinstance(optim_args, dict) or callable(optim_args)):
             raise TypeError(
                 f"optim_args must be a dict or a callable name -> dict, got {optim_args!r}"
             )
+        if local_updates not in LOCAL_UPDATES:
+            raise ValueError(
+                f"local_updates must be 'dense' or 'lazy', got {local_updates!r}"
+            )
+        if local_updates == "lazy" and not _rows.supports_lazy(optim_constructor):
+            raise ValueError(
+                f"local_updates='lazy' is not available for {optim_constructor.__name__}; "
+                "use local_updates='dense' or one of distsvi.optim's optimizers"
+            )
+        self.local_updates = local_updates
         self.pt_optim_constructor = optim_constructor
         self.pt_optim_args = optim_args
         self.pt_clip_args = clip_args or {}
@@ -107,19 +129,37 @@ class PyroOptim:
 
     # the step -----------------------------------------------------------------------
     def __call__(
-        self, params: dict[str, torch.Tensor] | Iterable[torch.Tensor], *args: Any, **kwargs: Any
+        self,
+        params: dict[str, torch.Tensor] | Iterable[torch.Tensor],
+        *args: Any,
+        rows: list | None = None,
+        **kwargs: Any,
     ) -> None:
-        """Step the optimizer over ``params`` (``{name: unconstrained tensor}``)."""
+        """Step the optimizer over ``params`` (``{name: unconstrained tensor}``).
+
+        ``rows``: row gradients of local params (the ``RowGrad`` tuples of
+        :mod:`distsvi.params.rows`, which SVI's step passes when ``local_updates`` is
+        ``"lazy"``): only those rows of those params step.
+        """
         if not isinstance(params, dict):
             params = {_name_of(p): p for p in params}
         known = self._params
         for name, p in params.items():
             if known.get(name) is not p:
                 self._add(name, p)
+        for rg in rows or ():
+            if known.get(rg.name) is not rg.full:
+                self._add(rg.name, rg.full)
         if self.pt_clip_args:
             self._clip(params.values())
+            # a row gradient's norm is its param's (the other rows' gradients are zero)
+            self._clip([_grad_view(rg.grad) for rg in rows or ()])
         for cohort in self._cohorts:
             cohort.optimizer.step(*args, **kwargs)
+        for rg in rows or ():
+            cohort = self._cohort_of[rg.name]
+            group = cohort.find_group(rg.full)
+            _rows.update_rows(cohort.optimizer, group, rg.full, rg.dim, rg.index, rg.grad)
 
     def _clip(self, params: Iterable[torch.Tensor]) -> None:
         clip = self.pt_clip_args
@@ -370,6 +410,13 @@ class ParamOptimizer:
     def __repr__(self) -> str:
         return f"<{type(self._torch).__name__} of param {self._name!r}>"
 
+def _grad_view(grad: torch.Tensor) -> torch.Tensor:
+    """A stand-in param (no storage of its own) whose ``grad`` is a row gradient, so that
+    row gradients are clipped by the same code as whole ones."""
+    view = grad.new_empty(()).expand(grad.shape)
+    view.grad = grad
+    return view
+
 
 def _name_of(p: torch.Tensor) -> str:
     name = _PARAM_STORE.param_name(p)
@@ -382,8 +429,12 @@ def _name_of(p: torch.Tensor) -> str:
 
 
 def _factory(constructor: type, doc: str, name: str | None = None) -> Callable[..., PyroOptim]:
-    def make(optim_args: dict | Callable[[str], dict], clip_args: dict | None = None) -> PyroOptim:
-        return PyroOptim(constructor, optim_args, clip_args)
+    def make(
+        optim_args: dict | Callable[[str], dict],
+        clip_args: dict | None = None,
+        local_updates: str = "dense",
+    ) -> PyroOptim:
+        return PyroOptim(constructor, optim_args, clip_args, local_updates)
 
     make.__doc__ = doc
     make.__name__ = make.__qualname__ = name or constructor.__name__

@@ -17,6 +17,7 @@ import torch
 from torch.distributions import transform_to
 
 from .. import constraints
+from . import rows as _rows
 
 
 def _spec(c: constraints.Constraint) -> str:
@@ -184,9 +185,18 @@ class ParamStore:
         init_tensor: torch.Tensor | Callable[[], torch.Tensor] | None = None,
         constraint: constraints.Constraint = constraints.real,
         event_dim: int | None = None,
+        rows: _rows.RowRequest | None = None,
     ) -> torch.Tensor:
-        """The constrained value of ``name``, creating it from ``init_tensor`` if new."""
+        """The constrained value of ``name``, creating it from ``init_tensor`` if new.
+
+        ``rows`` (set by subsampled plates during an SVI step) asks for only the batch's
+        rows; ``rows.done`` then says whether the value already is just those rows.
+        """
         if name in self._params:
+            if rows is not None:
+                value = _rows.read_rows(name, self._params[name], self._transforms[name], rows)
+                if value is not None:
+                    return value
             return self[name]
         if init_tensor is None:
             raise KeyError(
@@ -199,7 +209,7 @@ class ParamStore:
             init_tensor = torch.as_tensor(init_tensor, dtype=torch.get_default_dtype())
         _check_init(name, init_tensor, constraint)
         self._set(name, init_tensor, constraint)
-        return self[name]
+        return self.get_param(name, rows=rows)
 
     def setdefault(
         self,

@@ -23,6 +23,16 @@ from .base import (
 from .initialization import InitFn, init_to_feasible, init_to_median
 
 
+def _local(name, init, constraint, plate_dims, plates, subsampled) -> torch.Tensor:
+    """A site's param at this subsample's rows: an SVI step reads just those rows (see
+    :mod:`distsvi.params.rows`); any other read takes the whole param and selects."""
+    picks = [(dim, plates[n].indices, plates[n].size) for n, dim in plate_dims if n in subsampled]
+    if constraint is None:
+        constraint = constraints.real
+    value, done = primitives._param_rows(name, init, constraint, picks)
+    return value if done else _select(value, plate_dims, plates, subsampled)
+
+
 class _NormalSite:
     __slots__ = (
         "aux",
@@ -135,11 +145,14 @@ class AutoNormal(AutoGuide):
         for s in self._sites:
             # No event_dim here: the rows are selected below, by this call's plates, so an
             # enclosing subsampled plate must not select them too.
-            loc = param(s.loc, s.init_loc)
-            scale = param(s.scale, s.init_scale, scale_constraint)
             if subsampled:
-                loc = _select(loc, s.plate_dims, plates, subsampled)
-                scale = _select(scale, s.plate_dims, plates, subsampled)
+                loc = _local(s.loc, s.init_loc, None, s.plate_dims, plates, subsampled)
+                scale = _local(
+                    s.scale, s.init_scale, scale_constraint, s.plate_dims, plates, subsampled
+                )
+            else:
+                loc = param(s.loc, s.init_loc)
+                scale = param(s.scale, s.init_scale, scale_constraint)
             q = _normal(loc, scale).to_event(s.event_dim)
             with _in_plates(plates, s.plate_dims):
                 u = sample(s.aux, q, infer=_AUX)
@@ -216,9 +229,10 @@ class AutoDelta(AutoGuide):
         subsampled = _subsampled(plates)
         result = {}
         for s in self._sites:
-            value = primitives.param(s.param, s.init, s.support)  # rows selected below
             if subsampled:
-                value = _select(value, s.plate_dims, plates, subsampled)
+                value = _local(s.param, s.init, s.support, s.plate_dims, plates, subsampled)
+            else:
+                value = primitives.param(s.param, s.init, s.support)
             with _in_plates(plates, s.plate_dims):
                 result[s.name] = primitives.sample(s.name, dist.Delta(value, event_dim=s.event_dim))
         return result

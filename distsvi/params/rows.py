@@ -1,0 +1,146 @@
+"""Row-sparse reads of local params (one row per datapoint).
+
+A param with one row per datapoint, read inside a subsampled plate, needs only the batch's
+rows. While an SVI step records rows (:func:`record_rows`), such a read takes those rows of
+the *unconstrained* tensor, as a leaf of their own, and constrains just them: the forward
+pass and the backward pass cost the batch, not the data, and no gradient of all N rows is
+ever built. The step then hands each param's row gradient to the optimizer (which either
+scatters it into a full gradient or updates only those rows, see ``local_updates``).
+
+Exact for every transform that acts on each batch row by itself, which is every transform
+whose domain and codomain have the same event dims and whose event dims lie right of the
+plate's dim: all of torch's ``biject_to`` for params that respect their ``event_dim``.
+Outside a recording step (``Predictive``, the param store, a compiled step) a read is dense,
+as in Pyro.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import torch
+
+
+class RowLeaf(NamedTuple):
+    """The rows ``index`` (along ``dim``, counted from the left) of the store's leaf
+    ``full``, read as the leaf ``rows`` of this step."""
+
+    name: str
+    full: torch.Tensor
+    dim: int
+    index: torch.Tensor
+    rows: torch.Tensor
+
+
+class RowRequest:
+    """What the enclosing subsampled plates ask of a param read: ``(dim, index, size)``
+    per plate, ``dim`` negative (counted from the right, event dims included). ``done``
+    says whether the read already handed out only those rows."""
+
+    __slots__ = ("done", "picks")
+
+    def __init__(self) -> None:
+        self.picks: list[tuple[int, torch.Tensor, int]] = []
+        self.done = False
+
+
+_RECORDS: list[dict] = []
+
+
+@contextlib.contextmanager
+def record_rows() -> Iterator[dict]:
+    """Within the block, row-sparse reads make row leaves; yields ``{key: RowLeaf}``."""
+    record: dict = {}
+    _RECORDS.append(record)
+    try:
+        yield record
+    finally:
+        _RECORDS.remove(record)
+
+
+def is_recording() -> bool:
+    """Whether a step is recording row leaves now."""
+    return bool(_RECORDS) and not torch.compiler.is_compiling()
+
+
+def _row_safe(transform: Any, dim: int) -> bool:
+    if transform is None:
+        return True
+    inner, outer = transform.domain.event_dim, transform.codomain.event_dim
+    return inner == outer and -dim > outer
+
+
+def read_rows(name: str, full: torch.Tensor, transform: Any, request: RowRequest) -> Any:
+    """The constrained rows a plate asks for, from a row leaf, or ``None`` (read densely)."""
+    if not is_recording() or len(request.picks) != 1:
+        return None  # several subsampled dims at once: the dense read stays exact
+    dim, index, size = request.picks[0]
+    if full.dim() < -dim or full.shape[dim] != size or not _row_safe(transform, dim):
+        return None  # broadcasts, a wrong shape (the plate says so), or a mixing transform
+    if index.dtype != torch.long:
+        index = index.long()
+    record = _RECORDS[-1]
+    d = dim % full.dim()
+    key = (name, d, id(index))
+    leaf = record.get(key)
+    if leaf is None or leaf.full is not full:
+        rows = full.detach().index_select(d, index).requires_grad_(True)
+        leaf = record[key] = RowLeaf(name, full, d, index, rows)
+    request.done = True
+    return leaf.rows if transform is None else transform(leaf.rows)
+
+
+class RowGrad(NamedTuple):
+    """One param's row gradient of a step: ``grad`` holds rows ``index`` along ``dim``
+    (distinct indices) of the full gradient of ``full``."""
+
+    name: str
+    full: torch.Tensor
+    dim: int
+    index: torch.Tensor
+    grad: torch.Tensor
+
+
+def row_grads(record: dict) -> dict[str, RowGrad]:
+    """The recorded leaves' gradients, one :class:`RowGrad` per param (several reads of
+    one param, e.g. by several particles, are summed row by row)."""
+    by_name: dict[str, list[RowLeaf]] = {}
+    for leaf in record.values():
+        if leaf.rows.grad is not None:
+            by_name.setdefault(leaf.name, []).append(leaf)
+    out = {}
+    for name, leaves in by_name.items():
+        first = leaves[0]
+        if len(leaves) == 1:
+            out[name] = RowGrad(name, first.full, first.dim, first.index, first.rows.grad)
+            continue
+        if any(leaf.dim != first.dim or leaf.full is not first.full for leaf in leaves):
+            out[name] = _dense(name, leaves)
+            continue
+        index = torch.cat([leaf.index for leaf in leaves])
+        grads = torch.cat([leaf.rows.grad for leaf in leaves], dim=first.dim)
+        unique, inverse = torch.unique(index, return_inverse=True)
+        shape = list(grads.shape)
+        shape[first.dim] = len(unique)
+        grad = grads.new_zeros(shape).index_add_(first.dim, inverse, grads)
+        out[name] = RowGrad(name, first.full, first.dim, unique, grad)
+    return out
+
+
+def _dense(name: str, leaves: list[RowLeaf]) -> RowGrad:
+    full = leaves[0].full
+    grad = torch.zeros_like(full)
+    for leaf in leaves:
+        grad.index_add_(leaf.dim, leaf.index, leaf.rows.grad)
+    index = torch.arange(full.shape[0], device=full.device)
+    return RowGrad(name, full, 0, index, grad)
+
+
+def scatter(rg: RowGrad) -> None:
+    """Add a row gradient into ``full.grad`` (what a dense step sees)."""
+    full = rg.full
+    if full.grad is None:
+        full.grad = torch.zeros_like(full)
+    full.grad.index_add_(rg.dim, rg.index, rg.grad)
