@@ -189,3 +189,19 @@ def apply_stack(msg: Message) -> Message:
     if msg["continuation"] is not None:
         msg["continuation"](msg)
     return msg
+
+
+def get_mask() -> bool | torch.Tensor | None:
+    """The combined mask of the enclosing ``mask`` handlers (``None`` outside any); also
+    at Pyro's path ``poutine.runtime``."""
+    from .handlers import get_mask as combined  # the mask handler lives one level up
+
+    return combined()
+
+
+def get_plates() -> tuple:
+    """The ``CondIndepStackFrame`` of each enclosing plate, outermost first; also at Pyro's
+    path ``poutine.runtime``."""
+    from .handlers import get_plates as frames
+
+    return frames()
