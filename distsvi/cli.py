@@ -160,4 +160,12 @@ def _peer_failed(e: BaseException) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code != 0 and "TORCHELASTIC_RUN_ID" in os.environ:
+        # A failed rank leaves at once: the interpreter's shutdown would first tear down
+        # the process group and its threads (seconds on a loaded machine) while torchrun
+        # waits for this exit to stop the other ranks. Its message is out and recorded.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -141,10 +141,10 @@ def _param_rows(
     name: str,
     init_tensor: torch.Tensor | Callable[[], torch.Tensor] | None,
     constraint: constraints.Constraint,
-    picks: list[tuple[int, torch.Tensor, int]],
+    picks: list[tuple[int, torch.Tensor, int, str]],
 ) -> tuple[torch.Tensor, bool]:
     """``param(name, ...)`` for a reader that selects a subsample's rows itself (the
-    autoguides' locals): ``picks`` are ``(dim, indices, full size)``. Returns the value and
+    autoguides' locals): ``picks`` are ``(dim, indices, full size, plate name)``. Returns the value and
     whether it already is just those rows (an SVI step's row-sparse read)."""
     if not _STACK or not picks or not _rows.is_recording():
         return param(name, init_tensor, constraint), False
@@ -423,7 +423,9 @@ class plate(_PlateFrame):
             if request is None:
                 request = _rows.RowRequest()
                 msg["kwargs"] = {**msg["kwargs"], "rows": request}
-            request.picks.append((self.dim - msg["kwargs"]["event_dim"], self.indices, self.size))
+            request.picks.append(
+                (self.dim - msg["kwargs"]["event_dim"], self.indices, self.size, self.name)
+            )
 
     def postprocess_message(self, msg: Message) -> None:
         # A param declared with event_dim inside a subsampled plate has full-size batch

@@ -121,3 +121,13 @@ def test_without_hyperparameters_keeps_moments_and_drops_options():
     o2.set_state(state)
     assert o2.optimizer.param_groups[0]["lr"] == 0.01
     assert int(o2.optimizer.state[pyro.param("loc_map").unconstrained()]["step"]) == 2
+
+
+def test_lazy_rows_run_the_per_param_clipped_adam_only():
+    """Lazy row updates know the wrapper's ClippedAdam (lr * lrd**k per row); Pyro's torch
+    class decays its groups' lr in place instead, which a row update cannot follow."""
+    from distsvi.optim.clipped_adam import ClippedAdam
+
+    assert optim.ClippedAdam({"lr": 0.1}, local_updates="lazy").local_updates == "lazy"
+    with pytest.raises(ValueError, match="local_updates='lazy' is not available for ClippedAdam"):
+        optim.PyroOptim(ClippedAdam, {"lr": 0.1}, local_updates="lazy")

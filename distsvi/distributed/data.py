@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import distsvi
+from distsvi.params import rows as _rows
 from distsvi.poutine.runtime import Messenger
 
 from .process_group import ProcessGroup
@@ -122,7 +123,9 @@ class _Walk:
     indices of this rank's shard; a new epoch (a new permutation) starts when fewer than
     ``B`` remain on the smallest shard, so every rank changes epoch on the same step."""
 
-    def __init__(self, name: str, size: int, batch: int, group: ProcessGroup, seed: int) -> None:
+    def __init__(
+        self, name: str, size: int, batch: int, group: ProcessGroup, seed: int, own: bool = False
+    ) -> None:
         steps = (size // group.world_size) // batch
         if steps == 0:
             raise ValueError(
@@ -131,7 +134,7 @@ class _Walk:
                 "datapoints. Lower subsample_size or use fewer ranks."
             )
         self.size, self.batch, self.steps_per_epoch = size, batch, steps
-        self.group, self.seed = group, seed
+        self.group, self.seed, self.own = group, seed, own
         self.epoch, self.position = 0, 0
         self._shard: Tensor | None = None
 
@@ -139,9 +142,14 @@ class _Walk:
         if self.position == self.steps_per_epoch:
             self.epoch, self.position, self._shard = self.epoch + 1, 0, None
         if self._shard is None:
-            self._shard = shard_indices(
-                self.size, self.group.rank, self.group.world_size, self.seed, self.epoch
-            )
+            rank, world = self.group.rank, self.group.world_size
+            if self.own:
+                # Sharded local params: this rank's own rows, reshuffled each epoch.
+                block = shard_indices(self.size, rank, world)
+                perm = epoch_permutation(len(block), _mix(self.seed, rank), self.epoch)
+                self._shard = block[perm]
+            else:
+                self._shard = shard_indices(self.size, rank, world, self.seed, self.epoch)
         start = self.position * self.batch
         self.position += 1
         # Invariant 1: W * |S_r| / B, which is N / B when shards are equal.
@@ -165,14 +173,25 @@ class ShardedPlates(Messenger):
     A plate given explicit ``subsample=idx`` keeps its indices and its usual
     ``size / len(idx)`` scale.
 
+    With ``own_rows`` each rank owns a fixed contiguous block of each plate's rows (the
+    evaluation shard; sizes differ by at most one): training draws its batches from
+    that block only, reshuffled within it each epoch, and local params of the plate
+    store only those rows (see :func:`distsvi.params.rows.owned_blocks`).
+
     :param group: the process group.
     :param plates: names of the plates to shard.
     :param int seed: the run's seed, for the shuffle.
+    :param bool own_rows: shard local params' rows with the data.
     """
 
-    def __init__(self, group: ProcessGroup, plates: Iterable[str], seed: int = 0) -> None:
+    def __init__(
+        self, group: ProcessGroup, plates: Iterable[str], seed: int = 0, own_rows: bool = False
+    ) -> None:
         super().__init__()
         self.group, self.plates, self.seed = group, frozenset(plates), seed
+        self.own_rows = own_rows
+        self._blocks: dict[str, tuple[int, int, int]] = {}
+        self._owning: Any = None
         self.training = True
         self._walks: dict[str, _Walk] = {}
         self._drawn: dict[str, tuple[Tensor, float]] = {}
@@ -194,9 +213,33 @@ class ShardedPlates(Messenger):
         drawn = self._drawn.get(name)
         return None if drawn is None else drawn[0]
 
+    def __enter__(self):
+        if self.own_rows:
+            self._owning = _rows.owned_blocks(self._blocks)
+            self._owning.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            if self._owning is not None:
+                owning, self._owning = self._owning, None
+                owning.__exit__(*exc)
+
+    def _own(self, name: str, size: int) -> None:
+        block = self._blocks.get(name)
+        if block is None or block[0] != size:
+            rows = shard_indices(size, self.group.rank, self.group.world_size)
+            start = int(rows[0]) if len(rows) else 0
+            block = self._blocks[name] = (size, start, start + len(rows))
+        _rows._BLOCKS[name] = block
+
     def process_message(self, msg: dict[str, Any]) -> None:
         if msg["type"] == "subsample" and msg["name"] in self.plates:
             kw = msg["kwargs"]
+            if self.own_rows:
+                self._own(msg["name"], kw["size"])
             # In training a plate without subsample_size is evaluated whole on every rank.
             if self.training and kw["subsample_size"] >= kw["size"] and msg["value"] is None:
                 return
@@ -233,7 +276,8 @@ class ShardedPlates(Messenger):
                     "steps. Sharded training plates need a fixed size and subsample_size; "
                     "give other data sets their own plate name."
                 )
-            walk = self._walks[name] = _Walk(name, size, batch, self.group, self.seed)
+            walk = _Walk(name, size, batch, self.group, self.seed, self.own_rows)
+            self._walks[name] = walk
         return walk.next()
 
     def state_dict(self) -> dict[str, Any]:
@@ -252,7 +296,9 @@ class ShardedPlates(Messenger):
         self._walks.clear()
         self._drawn.clear()
         for name, s in state["plates"].items():
-            walk = _Walk(name, int(s["size"]), int(s["batch"]), self.group, self.seed)
+            walk = _Walk(
+                name, int(s["size"]), int(s["batch"]), self.group, self.seed, self.own_rows
+            )
             walk.epoch, walk.position = int(s["epoch"]), int(s["position"])
             self._walks[name] = walk
 

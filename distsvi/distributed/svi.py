@@ -12,6 +12,7 @@ from torch import Tensor
 
 from distsvi.infer import SVI
 from distsvi.params import _PARAM_STORE, param_with_module_name
+from distsvi.params import rows as _rows
 
 from .data import ShardedPlates
 from .process_group import ProcessGroup, current
@@ -73,6 +74,19 @@ class DataParallelSVI:
     :param float bucket_cap_mb: the size of a gradient bucket, in MiB.
     :param int seed: the run's seed, for the data shuffle.
     :param int max_bad_steps: how many non-finite steps in a row stop training.
+    :param str local_params: how local params (one row per datapoint of a sharded plate,
+        e.g. AutoNormal's locals) are kept. ``"replicated"`` (default): every rank holds
+        all rows and their gradients are averaged with the globals', so the optimizer
+        steps every row (``local_updates="lazy"`` acts as ``"dense"`` here).
+        ``"sharded"``: rank ``r`` owns a fixed contiguous block of the rows (sizes differ
+        by at most one) and stores only those rows' params and optimizer state; its
+        batches come from its block only (reshuffled within it each epoch, scaled by
+        ``W * |block| / B``); the rows' gradients are never all-reduced: the rank applies
+        them, divided by ``W``, itself, so ``sharded`` with ``local_updates="dense"`` ends
+        with the params ``replicated`` gives, and ``"lazy"`` steps only the batch's rows.
+        Locals start from each rank's own init of its rows (the same numbers as
+        replicated for a deterministic ``init_loc_fn``). Reading the locals outside
+        training steps and validation (``Predictive``, ``median``) sees this rank's rows.
     :param float busy_wait_ms: on CPU (Gloo), poll for the gradient all-reduce for up to
         this long before blocking; a blocked rank's idle core is slow to wake on virtual
         machines (see :func:`~distsvi.distributed.reduce.wait_all`). 0 blocks at once;
@@ -104,6 +118,7 @@ class DataParallelSVI:
         max_bad_steps: int = 10,
         busy_wait_ms: float = 20.0,
         overlap_backward: bool = True,
+        local_params: str = "replicated",
     ) -> None:
         if isinstance(shard_plates, str):
             shard_plates = (shard_plates,)
@@ -113,9 +128,15 @@ class DataParallelSVI:
             raise ValueError(f"max_bad_steps must be >= 1, got {max_bad_steps}")
         if not busy_wait_ms >= 0:
             raise ValueError(f"busy_wait_ms must be >= 0, got {busy_wait_ms}")
+        if local_params not in ("replicated", "sharded"):
+            raise ValueError(
+                f"local_params must be 'replicated' or 'sharded', got {local_params!r}"
+            )
         self.svi = svi
         self.group = group or current()
-        self.shards = ShardedPlates(self.group, shard_plates, seed)
+        self.local_params = local_params
+        sharded = local_params == "sharded" and self.group.is_distributed
+        self.shards = ShardedPlates(self.group, shard_plates, seed, own_rows=sharded)
         self.cap_bytes = int(bucket_cap_mb * 2**20)
         self.max_bad_steps = max_bad_steps
         self.busy_wait_s = busy_wait_ms / 1e3 if self.group.device.type == "cpu" else 0.0
@@ -144,7 +165,7 @@ class DataParallelSVI:
             svi.grad_hook = self._reduce_grads
             # Replicated local params: ranks touch different rows, so row gradients are
             # averaged as full gradients and the optimizer steps every row.
-            svi._dense_rows = True
+            svi._dense_rows = not sharded
 
     def step(self, *args: Any, **kwargs: Any) -> float:
         """Take one SVI step on every rank with this rank's shard of the data.
@@ -210,6 +231,19 @@ class DataParallelSVI:
         return all_reduce_scalars([loss / self.group.world_size], self.group)[0]
 
     def _reduce_grads(self, loss: Tensor, params: dict[str, Tensor]) -> Tensor | None:
+        own = _rows.sharded_names()
+        if own and not own.isdisjoint(params):
+            # This rank's rows of sharded locals: never all-reduced; the rank applies its
+            # rows' gradient divided by W, what the average over ranks would give them.
+            mine = {n: p for n, p in params.items() if n in own}
+            reported = self._reduce_grads(loss, {n: p for n, p in params.items() if n not in own})
+            if reported is None:
+                _skip(mine)
+                return None
+            for p in mine.values():
+                if p.grad is not None:
+                    p.grad.div_(self.group.world_size)
+            return reported
         names = tuple(params)
         changed = names != self._seen
         self._seen = names

@@ -1,6 +1,7 @@
 """Inference: SVI and its losses (``pyro.infer``'s names)."""
 
 from . import autoguide
+from ..primitives import enable_validation, is_validation_enabled
 from .elbo import ELBO, JitTrace_ELBO, JitTraceMeanField_ELBO, Trace_ELBO, TraceMeanField_ELBO
 from .predictive import Predictive
 from .svi import SVI
@@ -17,4 +18,6 @@ __all__ = [
     "TraceMeanField_ELBO",
     "Trace_ELBO",
     "autoguide",
+    "enable_validation",
+    "is_validation_enabled",
 ]

@@ -114,14 +114,16 @@ class ELBO:
                     "reparameterised: pass has_rsample=True if it comes from reparameterised "
                     "sampling, has_rsample=False otherwise"
                 )
+        # Pyro's order: guide/model disagreement first (in the model's site order), then
+        # each site against its plates, so the same program fails with the same message.
+        for name in model_trace.stochastic_nodes:
+            guide_site = guide_trace.nodes.get(name)
+            if guide_site is not None and guide_site["type"] == "sample":
+                _check_shapes_agree(model_trace.nodes[name], guide_site, self.max_plate_nesting)
         for trace in (model_trace, guide_trace):
             for site in trace.nodes.values():
                 if site["type"] == "sample":
                     check_site_shape(site, self.max_plate_nesting)
-        for name in model_latent:
-            guide_site = guide_trace.nodes.get(name)
-            if guide_site is not None and guide_site["type"] == "sample":
-                _check_shapes_agree(model_trace.nodes[name], guide_site, self.max_plate_nesting)
         if len(self._checked) >= 1024:  # site names that vary every step: stay bounded
             self._checked.clear()
         self._checked.add(key)

@@ -105,6 +105,9 @@ def _predictive(
     kwargs: dict,
 ) -> dict[str, Any]:
     nesting, trace = _max_plate_nesting(model, args, kwargs)
+    # Pyro traces the model a second time for the sites' shapes; doing the same keeps the
+    # random stream, hence the samples for a given seed, equal to Pyro's.
+    _, trace = _max_plate_nesting(model, args, kwargs)
     shapes = _return_shapes(trace, nesting, num_samples, posterior_samples, return_sites)
     if parallel:
         return _predictive_vectorized(

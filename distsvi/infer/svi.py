@@ -250,5 +250,6 @@ class SVI:
 
     def evaluate_loss(self, *args: Any, **kwargs: Any) -> float:
         """The loss estimate with no gradient computed and no parameter changed."""
-        with torch.no_grad():
+        # Local params are read row-sparse here too: the cost is the batch's.
+        with torch.no_grad(), _rows.record_rows():
             return float(self.loss(self.model, self.guide, *args, **kwargs))

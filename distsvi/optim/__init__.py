@@ -7,10 +7,13 @@ from . import adagrad_rmsprop as adagrad_rmsprop
 from . import clipped_adam as clipped_adam
 from . import lr_scheduler as _lr_scheduler
 from . import optim as _optim
-from .horovod import HorovodOptimizer
 
 for _module in (_optim, _lr_scheduler):
     globals().update({k: getattr(_module, k) for k in _module.__all__})
-__all__ = [*_optim.__all__, "HorovodOptimizer"]
+__all__ = list(_optim.__all__)
 __all__ += _lr_scheduler.__all__
 lr_scheduler, optim = _lr_scheduler, _optim
+
+from .horovod import HorovodOptimizer  # noqa: E402
+
+__all__ += ["HorovodOptimizer"]

@@ -1,8 +1,7 @@
-"""``HorovodOptimizer`` at Pyro's module path, so scripts that import it run unchanged.
+"""``pyro.optim.HorovodOptimizer``'s name, so scripts that import it run unchanged.
 
-distsvi's data parallelism is torchrun with torch.distributed (``distsvi train`` or
-``distsvi.distributed``), not Horovod: a script that only imports the name, or runs with its
-Horovod switch off, works; constructing one says where to go instead.
+distsvi does its own data parallelism (:mod:`distsvi.distributed`), so a script's
+``--no-horovod`` path runs as is; asking for the Horovod wrapper says what to use instead.
 """
 
 from __future__ import annotations
@@ -11,13 +10,13 @@ from typing import Any
 
 
 class HorovodOptimizer:
-    """Placeholder for Pyro's Horovod wrapper: refuses with a pointer to torchrun."""
+    """Refuses with directions: distsvi averages gradients with ``DataParallelSVI``."""
 
-    def __init__(self, pyro_optim: Any = None, **horovod_kwargs: Any) -> None:
-        raise NotImplementedError(
-            "HorovodOptimizer: distsvi does not run on Horovod. Keep the plain optimizer and "
-            "launch data-parallel training with torchrun (distsvi train CONFIG, or "
-            "distsvi.distributed for your own loop); gradients are all-reduced for you."
+    def __init__(self, pyro_optim: Any, **horovod_kwargs: Any):
+        raise ImportError(
+            "HorovodOptimizer: distsvi does not use Horovod. Keep the plain optimizer and wrap "
+            "the SVI instead: distsvi.distributed.DataParallelSVI(SVI(...), init()), run "
+            "under torchrun (see the README's 'Data-parallel SVI in your own script')."
         )
 
 

@@ -79,7 +79,7 @@ class PyroLRScheduler(PyroOptim):
                 self._resumed[key] = _Cohort()
                 self._cohorts.append(self._resumed[key])
             return self._resumed[key]
-        if not self._cohorts or self._cohorts[-1].stepped:
+        if not self._cohorts or self._cohorts[-1].closed:
             self._cohorts.append(_Cohort())
         return self._cohorts[-1]
 
@@ -91,7 +91,7 @@ class PyroLRScheduler(PyroOptim):
         for cohort in self._cohorts:
             if cohort.scheduler is not None:
                 cohort.scheduler.step(*args, **kwargs)
-                cohort.stepped = True
+                cohort.closed = True
 
     # state ----------------------------------------------------------------------------
     def get_state(self) -> dict:
@@ -146,7 +146,7 @@ class PyroLRScheduler(PyroOptim):
             else:
                 state[k] = v
         cohort.scheduler.load_state_dict(state)
-        cohort.stepped = saved.get("last_epoch", 0) > 0
+        cohort.closed = saved.get("last_epoch", 0) > 0
 
 
 def _schedule_key(schedule: dict) -> str:

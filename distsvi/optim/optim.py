@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from ..params import _PARAM_STORE
-from .adagrad_rmsprop import AdagradRMSProp as _AdagradRMSPropTorch
 from . import rows as _rows
+from .adagrad_rmsprop import AdagradRMSProp as _AdagradRMSPropTorch
 from .clipped_adam import PerParamClippedAdam
 
 LOCAL_UPDATES = ("dense", "lazy")
@@ -47,7 +47,7 @@ class _Cohort:
     where each param has its own scheduler started when the param first appears: params
     that appear before the schedule is next stepped start their schedules together, so
     they share one optimizer and one scheduler here. A cohort is *open* until its schedule
-    first steps (``stepped`` False: newcomers join it) and *closed* after (a newcomer
+    first steps (``closed`` False: newcomers join it) and *closed* after (a newcomer
     starts a new cohort). A param resumed from saved state joins the cohort that resumes
     its saved schedule (see ``PyroLRScheduler._resumed``).
     """
@@ -56,7 +56,7 @@ class _Cohort:
         self.optimizer: torch.optim.Optimizer | None = None
         self.group_of: dict[tuple, dict] = {}
         self.scheduler: Any = None
-        self.stepped = False  # closed: the schedule advanced since this cohort began
+        self.closed = False  # the schedule advanced since this cohort began: no newcomers
 
     def group_index(self, p: torch.Tensor) -> int:
         for i, group in enumerate(self.optimizer.param_groups):
@@ -97,9 +97,7 @@ class PyroOptim:
                 f"optim_args must be a dict or a callable name -> dict, got {optim_args!r}"
             )
         if local_updates not in LOCAL_UPDATES:
-            raise ValueError(
-                f"local_updates must be 'dense' or 'lazy', got {local_updates!r}"
-            )
+            raise ValueError(f"local_updates must be 'dense' or 'lazy', got {local_updates!r}")
         if local_updates == "lazy" and not _rows.supports_lazy(optim_constructor):
             raise ValueError(
                 f"local_updates='lazy' is not available for {optim_constructor.__name__}; "
@@ -409,6 +407,7 @@ class ParamOptimizer:
 
     def __repr__(self) -> str:
         return f"<{type(self._torch).__name__} of param {self._name!r}>"
+
 
 def _grad_view(grad: torch.Tensor) -> torch.Tensor:
     """A stand-in param (no storage of its own) whose ``grad`` is a row gradient, so that

@@ -48,8 +48,9 @@ def _adam(p, g, st, k, group, decoupled=False, clipped=False):
         v = st["max_exp_avg_sq"] = torch.maximum(st["max_exp_avg_sq"], v)
     bias1 = 1 - beta1**k
     bias2 = 1 - beta2**k
-    denom = v.sqrt() / bias2.sqrt() + group["eps"]
-    return p - (lr / bias1) * m / denom
+    if clipped:  # Pyro's ClippedAdam puts eps before the bias correction
+        return p - (lr * bias2.sqrt() / bias1) * m / (v.sqrt() + group["eps"])
+    return p - (lr / bias1) * m / (v.sqrt() / bias2.sqrt() + group["eps"])
 
 
 def _sgd(p, g, st, k, group):
@@ -95,6 +96,13 @@ def _adadelta(p, g, st, k, group):
     return p - group["lr"] * delta
 
 
+def _adagrad_rmsprop(p, g, st, k, group):
+    t = group["t"]
+    st["sum"] = torch.where(k == 1, g * g, st["sum"] * (1 - t) + g * g * t)
+    lr = group["eta"] * k ** (-0.5 + group["delta"])
+    return p - lr * g / (st["sum"].sqrt() + 1)
+
+
 def _zeros(p, group):
     return torch.zeros_like(p)
 
@@ -106,7 +114,7 @@ _FAMILIES: dict[str, tuple[RowFn, dict]] = {
         lambda *a: _adam(*a, decoupled=True),
         {"exp_avg": _zeros, "exp_avg_sq": _zeros, "max_exp_avg_sq": _zeros},
     ),
-    "ClippedAdam": (  # distsvi's per-param ClippedAdam: the k-th step's lr is lr * lrd**k
+    "PerParamClippedAdam": (  # the k-th step's lr is lr * lrd**k (not clipped_adam.ClippedAdam)
         lambda *a: _adam(*a, clipped=True),
         {"exp_avg": _zeros, "exp_avg_sq": _zeros},
     ),
@@ -120,6 +128,7 @@ _FAMILIES: dict[str, tuple[RowFn, dict]] = {
         {"square_avg": _zeros, "grad_avg": _zeros, "momentum_buffer": _zeros},
     ),
     "Adadelta": (_adadelta, {"square_avg": _zeros, "acc_delta": _zeros}),
+    "AdagradRMSProp": (_adagrad_rmsprop, {"sum": _zeros}),
 }
 
 

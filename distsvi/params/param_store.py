@@ -109,6 +109,7 @@ class ParamStore:
     # dict-like access -------------------------------------------------------------
     def clear(self) -> None:
         self.version += 1
+        _rows.sharded_names().clear()
         self._params.clear()
         self._constraints.clear()
         self._transforms.clear()
@@ -149,10 +150,12 @@ class ParamStore:
 
     def __setitem__(self, name: str, value: torch.Tensor) -> None:
         constraint = self._constraints.setdefault(name, constraints.real)
+        _rows.sharded_names().discard(name)
         self._set(name, value, constraint)
 
     def __delitem__(self, name: str) -> None:
         self.version += 1
+        _rows.sharded_names().discard(name)
         del self._params[name]
         del self._constraints[name]
         del self._transforms[name]
@@ -208,6 +211,7 @@ class ParamStore:
         if not isinstance(init_tensor, torch.Tensor):
             init_tensor = torch.as_tensor(init_tensor, dtype=torch.get_default_dtype())
         _check_init(name, init_tensor, constraint)
+        init_tensor = _rows.shard_init(name, init_tensor, rows)
         self._set(name, init_tensor, constraint)
         return self.get_param(name, rows=rows)
 

@@ -35,18 +35,60 @@ class RowLeaf(NamedTuple):
 
 
 class RowRequest:
-    """What the enclosing subsampled plates ask of a param read: ``(dim, index, size)``
-    per plate, ``dim`` negative (counted from the right, event dims included). ``done``
-    says whether the read already handed out only those rows."""
+    """What the enclosing subsampled plates ask of a param read: ``(dim, index, size,
+    plate name)`` per plate, ``dim`` negative (counted from the right, event dims
+    included). ``done`` says whether the read already handed out only those rows."""
 
     __slots__ = ("done", "picks")
 
     def __init__(self) -> None:
-        self.picks: list[tuple[int, torch.Tensor, int]] = []
+        self.picks: list[tuple[int, torch.Tensor, int, str]] = []
         self.done = False
 
 
 _RECORDS: list[dict] = []
+
+# Sharded storage (set by the data-parallel layer): plate name -> (size, start, stop), the
+# rows of that plate this process owns; a local param of such a plate holds only them.
+_BLOCKS: dict[str, tuple[int, int, int]] = {}
+_SHARDED: set[str] = set()  # names of the params stored as a block of rows
+
+
+@contextlib.contextmanager
+def owned_blocks(blocks: dict[str, tuple[int, int, int]]) -> Iterator[None]:
+    """Within the block, local params of these plates are stored (and read) as this
+    process's rows only: ``{plate name: (size, start, stop)}``."""
+    old = dict(_BLOCKS)
+    _BLOCKS.update(blocks)
+    try:
+        yield
+    finally:
+        _BLOCKS.clear()
+        _BLOCKS.update(old)
+
+
+def sharded_names() -> set[str]:
+    """The params stored as a block of their rows (see :func:`owned_blocks`)."""
+    return _SHARDED
+
+
+def _block(pick) -> tuple[int, int, int] | None:
+    block = _BLOCKS.get(pick[3])
+    return block if block is not None and block[0] == pick[2] else None
+
+
+def shard_init(name: str, init: torch.Tensor, request: RowRequest | None) -> torch.Tensor:
+    """The rows of a new param's initial value that this process stores (all of them
+    unless its plate's rows are sharded)."""
+    if request is None or len(request.picks) != 1 or not torch.is_tensor(init):
+        return init
+    pick = request.picks[0]
+    block = _block(pick)
+    dim = pick[0]
+    if block is None or init.dim() < -dim or init.shape[dim] != block[0]:
+        return init
+    _SHARDED.add(name)
+    return init.narrow(dim, block[1], block[2] - block[1]).clone()
 
 
 @contextlib.contextmanager
@@ -76,16 +118,23 @@ def read_rows(name: str, full: torch.Tensor, transform: Any, request: RowRequest
     """The constrained rows a plate asks for, from a row leaf, or ``None`` (read densely)."""
     if not is_recording() or len(request.picks) != 1:
         return None  # several subsampled dims at once: the dense read stays exact
-    dim, index, size = request.picks[0]
-    if full.dim() < -dim or full.shape[dim] != size or not _row_safe(transform, dim):
+    pick = request.picks[0]
+    dim, index, size = pick[:3]
+    block = _block(pick) if name in _SHARDED else None
+    rows = size if block is None else block[2] - block[1]
+    if full.dim() < -dim or full.shape[dim] != rows or not _row_safe(transform, dim):
         return None  # broadcasts, a wrong shape (the plate says so), or a mixing transform
+    key = (name, dim % full.dim(), id(index))  # the plate's tensor, alive all step
     if index.dtype != torch.long:
         index = index.long()
+    if block is not None:
+        # this process's rows start at block[1]; the plate's indices are global
+        index = index - block[1]
     record = _RECORDS[-1]
-    d = dim % full.dim()
-    key = (name, d, id(index))
+    d = key[1]
     leaf = record.get(key)
     if leaf is None or leaf.full is not full:
+        record[("index",) + key] = request.picks[0][1]  # keeps the id unique this step
         rows = full.detach().index_select(d, index).requires_grad_(True)
         leaf = record[key] = RowLeaf(name, full, d, index, rows)
     request.done = True
@@ -108,7 +157,7 @@ def row_grads(record: dict) -> dict[str, RowGrad]:
     one param, e.g. by several particles, are summed row by row)."""
     by_name: dict[str, list[RowLeaf]] = {}
     for leaf in record.values():
-        if leaf.rows.grad is not None:
+        if isinstance(leaf, RowLeaf) and leaf.rows.grad is not None:
             by_name.setdefault(leaf.name, []).append(leaf)
     out = {}
     for name, leaves in by_name.items():

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .runtime import _STACK, Message, Messenger
+from .runtime import _STACK, Message, Messenger, get_plates
 from .trace_struct import Trace
 
 
@@ -313,11 +313,6 @@ def get_mask() -> bool | torch.Tensor | None:
     return result
 
 
-def get_plates() -> tuple:
-    """The ``CondIndepStackFrame`` of each enclosing plate, outermost first."""
-    return tuple(
-        frame for handler in _STACK if (frame := getattr(handler, "_frame", None)) is not None
-    )
 
 
 class seed(Messenger):

@@ -75,6 +75,14 @@ class Message(TypedDict, total=False):
     continuation: Callable[[Message], None] | None
 
 
+def get_plates() -> tuple:
+    """The ``CondIndepStackFrame`` of each enclosing plate, outermost first (at
+    Pyro's path, ``poutine.runtime.get_plates``)."""
+    return tuple(
+        frame for handler in _STACK if (frame := getattr(handler, "_frame", None)) is not None
+    )
+
+
 def am_i_wrapped() -> bool:
     """``True`` when any handler is active (otherwise primitives take their fast path)."""
     return bool(_STACK)
@@ -189,19 +197,3 @@ def apply_stack(msg: Message) -> Message:
     if msg["continuation"] is not None:
         msg["continuation"](msg)
     return msg
-
-
-def get_mask() -> bool | torch.Tensor | None:
-    """The combined mask of the enclosing ``mask`` handlers (``None`` outside any); also
-    at Pyro's path ``poutine.runtime``."""
-    from .handlers import get_mask as combined  # the mask handler lives one level up
-
-    return combined()
-
-
-def get_plates() -> tuple:
-    """The ``CondIndepStackFrame`` of each enclosing plate, outermost first; also at Pyro's
-    path ``poutine.runtime``."""
-    from .handlers import get_plates as frames
-
-    return frames()

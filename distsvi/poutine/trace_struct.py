@@ -274,7 +274,13 @@ class Trace:
             if name == last_site:
                 break
         rows.append((["Sample Sites:"], [], []))
+        scored = any("log_prob" in s for s in self.nodes.values() if s["type"] == "sample")
         for name, site in self.nodes.items():
+            if site["type"] == "subsample":  # Pyro's table shows a plate's indices as a site
+                rows.append(([name + " dist"], ["|"], []))
+                rows.append((["value"], [str(n) for n in site["value"].shape] + ["|"], []))
+                if scored:
+                    rows.append((["log_prob"], ["|"], []))
             if site["type"] == "sample":
                 fn = site["fn"]
                 batch = [str(n) for n in getattr(fn, "batch_shape", ())]

@@ -122,6 +122,9 @@ class OptimConfig:
     """Overrides by param-name prefix, e.g. ``{"AutoNormal.scales": {lr: 0.001}}``."""
     clip_norm: float | None = None
     """Clip the global gradient norm (after the cross-rank average) to this value."""
+    local_updates: str = "dense"
+    """dense (every row of a local param steps, Pyro's numbers) or lazy (only the rows of the
+    step's batch and their optimizer state advance: a step costs its batch, not the data)."""
 
 
 @dataclass
@@ -553,6 +556,11 @@ def check_ranges(cfg: TrainConfig, base_dir: Path = Path("."), world_size: int =
     require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     require(o.lr < float("inf"), "optim.lr", f"must be finite, got {o.lr}")
     require(o.clip_norm is None or o.clip_norm > 0, "optim.clip_norm", "must be > 0 or null")
+    require(
+        o.local_updates in ("dense", "lazy"),
+        "optim.local_updates",
+        f"must be dense or lazy, got {o.local_updates!r}",
+    )
     require(
         cfg.dist.timeout_s <= MAX_TIMEOUT_S,
         "dist.timeout_s",

@@ -287,10 +287,11 @@ def build_optim(cfg: TrainConfig) -> tuple[Any, Any]:
 
     args: Any = per_param if o.per_param else base
     if cfg.schedule.name == "none":
-        return getattr(optim_lib, o.name)(args), None
+        return getattr(optim_lib, o.name)(args, local_updates=o.local_updates), None
     torch_optim = getattr(torch.optim, o.name)
     scheduler = getattr(optim_lib, SCHEDULERS[cfg.schedule.name])(
-        {"optimizer": torch_optim, "optim_args": args, **cfg.schedule.options}
+        {"optimizer": torch_optim, "optim_args": args, **cfg.schedule.options},
+        local_updates=o.local_updates,
     )
     return scheduler, scheduler
 

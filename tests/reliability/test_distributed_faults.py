@@ -149,3 +149,33 @@ def test_launcher_after_a_finished_one_process_run(tmp_path):
     assert output.count("nothing to do") == 1
     assert "raise run.steps (e.g. run.steps=10)" in output
     assert "checkpoint.resume=never or a new checkpoint.dir" in output
+
+
+def test_a_full_disk_while_rank_0_saves_ends_the_job(tmp_path):
+    """Rank 0's save fails (a file size limit stands for a full disk): it stops with one
+    message, leaves no temporary file, and no rank waits for it."""
+    import resource
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8_000, 8_000))  # a checkpoint is 13 KB
+
+    job = [*small(40), "checkpoint.every=10", "dist.timeout_s=600", *dirs(tmp_path)]
+    start = time.monotonic()
+    proc = subprocess.run(
+        launch_argv([*TWO, *job]),
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+        preexec_fn=limit,
+    )
+    assert proc.returncode != 0
+    assert "distsvi: rank 0: cannot write checkpoint" in proc.stderr, proc.stderr[-3000:]
+    assert "step_00000010.pt" in proc.stderr and "free space" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list((tmp_path / "ck").glob(".*.tmp"))
+    assert not processes_mentioning(str(tmp_path))
+    assert time.monotonic() - start < 200

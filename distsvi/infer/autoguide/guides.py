@@ -26,7 +26,9 @@ from .initialization import InitFn, init_to_feasible, init_to_median
 def _local(name, init, constraint, plate_dims, plates, subsampled) -> torch.Tensor:
     """A site's param at this subsample's rows: an SVI step reads just those rows (see
     :mod:`distsvi.params.rows`); any other read takes the whole param and selects."""
-    picks = [(dim, plates[n].indices, plates[n].size) for n, dim in plate_dims if n in subsampled]
+    picks = [
+        (dim, plates[n].indices, plates[n].size, n) for n, dim in plate_dims if n in subsampled
+    ]
     if constraint is None:
         constraint = constraints.real
     value, done = primitives._param_rows(name, init, constraint, picks)
