@@ -158,8 +158,14 @@ class block(Messenger):
         super().__init__(fn)
         if hide_fn is not None and expose_fn is not None:
             raise ValueError("block takes hide_fn= or expose_fn=, not both")
-        if set(hide or ()) & set(expose or ()) or set(hide_types or ()) & set(expose_types or ()):
-            raise ValueError("block: a site name or type is both hidden and exposed")
+        both = sorted(set(hide or ()) & set(expose or ())) or sorted(
+            set(hide_types or ()) & set(expose_types or ())
+        )
+        if both:
+            raise ValueError(
+                f"block: {', '.join(map(repr, both))} is both hidden and exposed; "
+                "name each site or type in hide= or in expose=, not both"
+            )
         if hide_fn is not None:
             self.hide_fn = hide_fn
         elif expose_fn is not None:

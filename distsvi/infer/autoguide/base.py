@@ -39,6 +39,7 @@ from torch.distributions import biject_to, constraints
 
 from ... import distributions as dist
 from ... import primitives
+from ...params import get_param_store
 from ...poutine import handlers as poutine
 from ...poutine.runtime import Messenger
 from .initialization import InitFn, InitMessenger
@@ -205,6 +206,21 @@ class AutoGuide:
         """The guide's values as a tuple sorted by site name (Pyro's ``AutoGuide.call``)."""
         result = self(*args, **kwargs)
         return tuple(v for _, v in sorted(result.items()))
+
+    def named_parameters(self) -> Iterable[tuple[str, torch.Tensor]]:
+        """``(name, unconstrained leaf)`` of this guide's params in the param store (Pyro's
+        autoguides are modules; scripts call ``parameters()`` and ``requires_grad_()``)."""
+        prefix = f"{self._pyro_name}."
+        return [(n, p) for n, p in get_param_store().named_parameters() if n.startswith(prefix)]
+
+    def parameters(self) -> Iterable[torch.Tensor]:
+        return [p for _, p in self.named_parameters()]
+
+    def requires_grad_(self, requires_grad: bool = True) -> AutoGuide:
+        """Turn gradients of this guide's params on or off, as ``nn.Module.requires_grad_``."""
+        for p in self.parameters():
+            p.requires_grad_(requires_grad)
+        return self
 
     def sample_latent(self, *args: Any, **kwargs: Any) -> Any:
         """Pyro's hook for guides with one latent vector; the others have none."""
