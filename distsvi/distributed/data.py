@@ -190,6 +190,9 @@ class ShardedPlates(Messenger):
         super().__init__()
         self.group, self.plates, self.seed = group, frozenset(plates), seed
         self.own_rows = own_rows
+        # Explicit indices are batches of this rank's own block (DistributedLoader with
+        # own_rows): scaled by W * |block| / B rather than the plate's N / B.
+        self.own_batches = False
         self._blocks: dict[str, tuple[int, int, int]] = {}
         self._owning: Any = None
         self.training = True
@@ -240,6 +243,17 @@ class ShardedPlates(Messenger):
             kw = msg["kwargs"]
             if self.own_rows:
                 self._own(msg["name"], kw["size"])
+                if (
+                    self.own_batches
+                    and self.training
+                    and msg["value"] is not None
+                    and msg["name"] not in self._drawn
+                ):
+                    # A batch of this rank's own rows: invariant 1's W * |block| / B, which
+                    # differs from the plate's N / B when blocks are uneven.
+                    _, start, stop = self._blocks[msg["name"]]
+                    msg["scale"] = self.group.world_size * (stop - start) / len(msg["value"])
+                    return
             # In training a plate without subsample_size is evaluated whole on every rank.
             if self.training and kw["subsample_size"] >= kw["size"] and msg["value"] is None:
                 return
@@ -303,6 +317,30 @@ class ShardedPlates(Messenger):
             self._walks[name] = walk
 
 
+class _BlockSampler(torch.utils.data.Sampler):
+    """This rank's own block of ``range(size)``, shuffled per epoch as :class:`_Walk` does,
+    cut to the batches that fill on every rank's block."""
+
+    def __init__(
+        self, size: int, batch: int, group: ProcessGroup, shuffle: bool, seed: int
+    ) -> None:
+        self.block = shard_indices(size, group.rank, group.world_size)
+        self.count = (size // group.world_size) // batch * batch
+        self.seed, self.shuffle, self.epoch = _mix(seed, group.rank), shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[int]:
+        rows = self.block
+        if self.shuffle:
+            rows = rows[epoch_permutation(len(rows), self.seed, self.epoch)]
+        return iter(rows[: self.count].tolist())
+
+
 class _Indexed(Dataset):
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -331,6 +369,10 @@ class DistributedLoader:
     :param int seed: the run's seed, for the shuffle.
     :param bool drop_last: drop the datapoints that do not fill a batch on every rank
         (default); otherwise the sampler repeats some to pad.
+    :param bool own_rows: rank ``r`` draws only from its own contiguous block of the rows
+        (reshuffled within it each epoch), the block whose local params it stores under
+        ``DataParallelSVI(local_params="sharded")``; every rank takes the same number of
+        batches, those that fill on the smallest block.
     :param loader_kwargs: passed to ``DataLoader`` (``num_workers``, ``collate_fn``, ...).
 
     Example::
@@ -349,13 +391,18 @@ class DistributedLoader:
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = True,
+        own_rows: bool = False,
         **loader_kwargs: Any,
     ) -> None:
         group = group or ProcessGroup()
         indexed = _Indexed(dataset)
-        self.sampler = DistributedSampler(
-            indexed, group.world_size, group.rank, shuffle=shuffle, seed=seed, drop_last=drop_last
-        )
+        if own_rows and group.is_distributed:
+            self.sampler = _BlockSampler(len(indexed), batch_size, group, shuffle, seed)
+        else:
+            self.sampler = DistributedSampler(
+                indexed, group.world_size, group.rank, shuffle=shuffle, seed=seed,
+                drop_last=drop_last,
+            )
         self.loader = DataLoader(
             indexed, batch_size, sampler=self.sampler, drop_last=drop_last, **loader_kwargs
         )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -94,11 +94,16 @@ class PyroLRScheduler(PyroOptim):
                 cohort.closed = True
 
     # state ----------------------------------------------------------------------------
-    def get_state(self) -> dict:
+    def get_state(self, leave_out: dict[str, Collection[str]] | None = None) -> dict:
         """Pyro's layout: ``{param name: {"scheduler": its scheduler's state_dict,
-        "optimizer": its optimizer's state_dict}}``."""
+        "optimizer": its optimizer's state_dict}}`` (``leave_out`` as in
+        :meth:`PyroOptim.get_state`)."""
+        leave_out = leave_out or {}
         out = {
-            name: {"scheduler": self._schedule_entry(name), "optimizer": self._param_entry(name)}
+            name: {
+                "scheduler": self._schedule_entry(name),
+                "optimizer": self._param_entry(name, leave_out.get(name, ())),
+            }
             for name in self._params
         }
         for name, entry in self._pending.items():

@@ -14,7 +14,7 @@ Options may be a dict or a callable ``name -> dict`` (per-param options, as in P
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import torch
@@ -230,10 +230,15 @@ class PyroOptim:
         """Called once a cohort's torch optimizer exists (schedulers attach theirs here)."""
 
     # state ----------------------------------------------------------------------------
-    def get_state(self) -> dict:
+    def get_state(self, leave_out: dict[str, Collection[str]] | None = None) -> dict:
         """Pyro's layout: ``{param name: that param's optimizer state_dict}``, i.e.
-        ``{"state": {0: {...}}, "param_groups": [{options..., "params": [0]}]}``."""
-        out = {name: self._param_entry(name) for name in self._params}
+        ``{"state": {0: {...}}, "param_groups": [{options..., "params": [0]}]}``.
+
+        :param leave_out: ``{param name: state keys}`` not to copy (a checkpoint writes
+            those tensors of local params shard by shard, see :meth:`live_state`).
+        """
+        leave_out = leave_out or {}
+        out = {name: self._param_entry(name, leave_out.get(name, ())) for name in self._params}
         for name, entry in self._pending.items():
             out.setdefault(name, entry)
         return out
@@ -251,10 +256,18 @@ class PyroOptim:
     def _normalized(self, state: dict) -> dict:
         return {name: _pyro_entry(name, entry) for name, entry in state.items()}
 
-    def _param_entry(self, name: str) -> dict:
+    def live_state(self, name: str) -> dict:
+        """The optimizer's own state of param ``name`` (not a copy; empty before its first
+        step)."""
+        p = self._params[name]
+        return self._cohort_of[name].optimizer.state.get(p, {})
+
+    def _param_entry(self, name: str, leave_out: Collection[str] = ()) -> dict:
         p = self._params[name]
         cohort = self._cohort_of[name]
         state = cohort.optimizer.state.get(p, {})
+        if leave_out:
+            state = {k: v for k, v in state.items() if k not in leave_out}
         options = {k: v for k, v in cohort.find_group(p).items() if k != "params"}
         export = getattr(cohort.optimizer, "export_options", None)
         if export is not None:

@@ -109,7 +109,7 @@ class ParamStore:
     # dict-like access -------------------------------------------------------------
     def clear(self) -> None:
         self.version += 1
-        _rows.sharded_names().clear()
+        _rows.forget()
         self._params.clear()
         self._constraints.clear()
         self._transforms.clear()
@@ -150,12 +150,12 @@ class ParamStore:
 
     def __setitem__(self, name: str, value: torch.Tensor) -> None:
         constraint = self._constraints.setdefault(name, constraints.real)
-        _rows.sharded_names().discard(name)
+        _rows.forget(name)
         self._set(name, value, constraint)
 
     def __delitem__(self, name: str) -> None:
         self.version += 1
-        _rows.sharded_names().discard(name)
+        _rows.forget(name)
         del self._params[name]
         del self._constraints[name]
         del self._transforms[name]
@@ -281,6 +281,7 @@ class ParamStore:
         """
         outer = self.get_state()
         modules = dict(self._modules)
+        registry = _rows.registry()
         inner = {"params": {}, "constraints": {}} if state is None else state
         try:
             self.clear()
@@ -291,6 +292,7 @@ class ParamStore:
             self.clear()
             self._put(outer)
             self._modules.update(modules)
+            _rows.restore_registry(registry)
 
     def _put(self, state: dict) -> None:
         """Hold the very tensors of ``state`` (an optimizer keeps its state for them)."""

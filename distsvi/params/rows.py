@@ -52,6 +52,9 @@ _RECORDS: list[dict] = []
 # rows of that plate this process owns; a local param of such a plate holds only them.
 _BLOCKS: dict[str, tuple[int, int, int]] = {}
 _SHARDED: set[str] = set()  # names of the params stored as a block of rows
+# Every local param (one row per datapoint of a subsampled plate), sharded or not:
+# name -> (row dim counted from the left, plate size, first and end row stored).
+_LOCAL: dict[str, tuple[int, int, int, int]] = {}
 
 
 @contextlib.contextmanager
@@ -72,6 +75,36 @@ def sharded_names() -> set[str]:
     return _SHARDED
 
 
+def local_layout() -> dict[str, tuple[int, int, int, int]]:
+    """This process's local params: ``{name: (row dim, plate size, first row, end row)}``,
+    the rows ``[first, end)`` being those it stores (all of them unless sharded)."""
+    return dict(_LOCAL)
+
+
+def registry() -> tuple[set, dict]:
+    """Copies of which params are local and which sharded (see :func:`restore_registry`)."""
+    return set(_SHARDED), dict(_LOCAL)
+
+
+def restore_registry(saved: tuple[set, dict]) -> None:
+    """Put back what :func:`registry` returned (a param store scope ends)."""
+    _SHARDED.clear()
+    _SHARDED.update(saved[0])
+    _LOCAL.clear()
+    _LOCAL.update(saved[1])
+
+
+def forget(name: str | None = None) -> None:
+    """``name`` (or every param, for ``None``) left the param store."""
+    if name is None:
+        _SHARDED.clear()
+        _LOCAL.clear()
+        return
+    """``name`` left the param store."""
+    _SHARDED.discard(name)
+    _LOCAL.pop(name, None)
+
+
 def _block(pick) -> tuple[int, int, int] | None:
     block = _BLOCKS.get(pick[3])
     return block if block is not None and block[0] == pick[2] else None
@@ -83,9 +116,12 @@ def shard_init(name: str, init: torch.Tensor, request: RowRequest | None) -> tor
     if request is None or len(request.picks) != 1 or not torch.is_tensor(init):
         return init
     pick = request.picks[0]
-    block = _block(pick)
     dim = pick[0]
-    if block is None or init.dim() < -dim or init.shape[dim] != block[0]:
+    if init.dim() < -dim or init.shape[dim] != pick[2]:
+        return init  # not one row per datapoint of the plate
+    block = _block(pick)
+    _LOCAL[name] = (init.dim() + dim, pick[2]) + ((0, pick[2]) if block is None else block[1:])
+    if block is None:
         return init
     _SHARDED.add(name)
     return init.narrow(dim, block[1], block[2] - block[1]).clone()

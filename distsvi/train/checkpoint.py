@@ -13,7 +13,18 @@ so it loads with ``torch.load(weights_only=True)`` (no pickled code runs on load
 ``buffers``   module buffers by ``module$$$buffer`` name
 ``optim``     optimizer (and scheduler) state keyed by param name
 ``config``    the resolved config as YAML text; ``world_size``
+``local``     local params (one row per datapoint): ``{name: {"dim", "size",
+              "optim": {state key: its row dim}}}``; their rows are not in this
+              file but in the directory ``step_00000100.rows`` beside it
 ============  ==============================================================
+
+Local params (AutoNormal's per-datapoint locals, say) may be sharded: rank r holds only its
+block of their rows. Their values and row-shaped optimizer state go to ``step_*.rows``,
+written by every rank at once with ``torch.distributed.checkpoint`` (each rank writes its
+own rows; nothing is gathered), and read back the same way into whatever blocks the
+resuming job holds, so a checkpoint of 2 ranks resumes on 1 and one of 1 on 2 (DCP reads
+the saved chunks that overlap each rank's block). The directory is complete before the
+``.pt`` file that names it is renamed into place: the ``.pt`` file is the commit.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,6 +44,7 @@ import distsvi
 from distsvi import distributed
 from distsvi.distributed.data import rank_seed
 from distsvi.optim.optim import without_hyperparameters
+from distsvi.params import rows as _rows
 from distsvi.train.config import TrainConfig, diff_configs, from_yaml, to_yaml
 from distsvi.train.errors import ConfigError, RunFailed, first_line
 from distsvi.train.job import Job, cuda_devices
@@ -149,6 +162,13 @@ def load(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             path, f"has format {state['format']}, this version of distsvi reads {FORMAT}"
         )
+    if state.get("local") and not (rows_dir(path) / ".metadata").is_file():
+        raise CheckpointError(
+            path,
+            f"keeps its local params' rows in {rows_dir(path)}, which is missing or "
+            "incomplete (the rows are written by every rank to checkpoint.dir: on several "
+            "nodes it must be a shared file system)",
+        )
     return state
 
 
@@ -211,6 +231,7 @@ class Checkpointer:
             ) from None
         for old in self.files()[self.keep :]:
             old.unlink(missing_ok=True)
+            shutil.rmtree(rows_dir(old), ignore_errors=True)
         return path
 
     def latest(self) -> tuple[dict[str, Any], Path] | None:
@@ -228,7 +249,10 @@ class Checkpointer:
         """Remove temporary files that a writer killed mid-save left behind."""
         if self.is_writer and self.dir.is_dir():
             for tmp in self.dir.glob(".*.tmp"):
-                tmp.unlink(missing_ok=True)
+                if tmp.is_dir():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    tmp.unlink(missing_ok=True)
 
 
 # -- a job's state -------------------------------------------------------------------
@@ -247,7 +271,10 @@ def _rng_states(group: distributed.ProcessGroup) -> dict[str, torch.Tensor]:
 
 
 def job_state(job: Job, step: int) -> dict[str, Any]:
+    """Everything a checkpoint file holds (a collective when distributed); the rows of
+    local params are left out and written by :func:`save_rows`."""
     store = distsvi.get_param_store().state_dict()
+    local = local_rows(job)
     buffers = {}
     if isinstance(job.model_obj, torch.nn.Module):
         buffers = {k: v.detach().cpu() for k, v in job.model_obj.named_buffers()}
@@ -258,10 +285,11 @@ def job_state(job: Job, step: int) -> dict[str, Any]:
         "data_position": job.data_state(),
         "seed": job.cfg.run.seed,
         "rng": _rng_states(job.group),
-        "params": {k: v.cpu() for k, v in store["params"].items()},
+        "params": {k: v.cpu() for k, v in store["params"].items() if k not in local},
         "constraints": store["constraints"],
         "buffers": buffers,
-        "optim": job.optim.get_state(),
+        "optim": job.optim.get_state({n: set(info["optim"]) for n, info in local.items()}),
+        "local": local,
         "skipped_steps": job.monitor.skipped,
         "config": to_yaml(job.cfg),
         "world_size": job.group.world_size,
@@ -270,7 +298,11 @@ def job_state(job: Job, step: int) -> dict[str, Any]:
 
 def _materialize_params(job: Job) -> None:
     """Run model and guide once so that every param (and module) exists, off the RNG stream."""
-    with torch.random.fork_rng(devices=cuda_devices(job.group)), torch.no_grad():
+    # Under the shard handler, so that sharded local params are made as this rank's rows;
+    # the walk it advances is reset when the data position is loaded.
+    # Recording rows, as a training step does, makes local params known as such.
+    with torch.random.fork_rng(devices=cuda_devices(job.group)), torch.no_grad(), \
+            job.dp.shards, _rows.record_rows():
         job.svi.loss(
             job.model,
             job.guide,
@@ -312,6 +344,8 @@ def load_params(job: Job, state: dict[str, Any], path: Path) -> None:
             own = dict(job.model_obj.named_buffers())
             for name, value in state["buffers"].items():
                 own[name].copy_(value)
+    if state.get("local"):
+        load_rows(job, state, path)
 
 
 def read_checkpoint(job: Job, ckpt: Checkpointer | None, resume: str) -> tuple[dict, Path] | None:
@@ -343,7 +377,7 @@ def restore(job: Job, ckpt: Checkpointer) -> int:
     state, path = found
     changed = compare_configs(state, path, cfg, group.is_main)
     load_params(job, state, path)
-    optim_state = state["optim"]
+    optim_state = {**state["optim"], **state.get("local_optim", {})}
     if any(k.startswith("optim.") for k in changed):
         optim_state = _without_hyperparameters(optim_state)
     job.optim.set_state(optim_state)
@@ -398,3 +432,199 @@ def _without_hyperparameters(optim_state: dict[str, Any]) -> dict[str, Any]:
     """Optimizer state whose saved hyper-parameters (lr, betas, ...) give way to the
     config's: moments and step counts are kept."""
     return without_hyperparameters(optim_state)
+
+
+# -- local params' rows ------------------------------------------------------------------
+
+
+def rows_dir(path: Path) -> Path:
+    """The directory of local params' rows that goes with checkpoint file ``path``."""
+    return path.with_suffix(".rows")
+
+
+def local_rows(job: Job) -> dict[str, dict[str, Any]]:
+    """This job's local params and which of their optimizer state is row-shaped:
+    ``{name: {"dim": row dim, "size": rows in all, "optim": {state key: row dim}}}``."""
+    store = dict(distsvi.get_param_store().named_parameters())
+    out = {}
+    for name, (dim, size, start, stop) in sorted(_rows.local_layout().items()):
+        p = store.get(name)
+        if p is None or p.shape[dim] != stop - start:
+            continue
+        keys = {}
+        for key, v in job.optim.live_state(name).items():
+            if not torch.is_tensor(v) or v.dim() == 0:
+                continue
+            if v.shape == p.shape:
+                keys[key] = dim
+            elif key == "step" and v.shape == (stop - start,):
+                keys[key] = 0  # lazy updates: one step count per row
+        out[name] = {"dim": dim, "size": size, "optim": keys}
+    return out
+
+
+def _global(t: torch.Tensor, dim: int, size: int, start: int, group: Any) -> Any:
+    """``t``, rows ``[start, start + len)`` along ``dim`` of a tensor of ``size`` rows, as
+    DCP sees it: the tensor itself when it holds every row, else a ShardedTensor whose
+    shards are every rank's block (sizes differing by at most one, as the data's)."""
+    if t.shape[dim] == size:
+        return t
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+    from torch.distributed._shard.sharded_tensor.metadata import (
+        ShardedTensorMetadata,
+        TensorProperties,
+    )
+
+    device = "cpu" if t.device.type == "cpu" else f"{t.device.type}:{t.device.index or 0}"
+    shards, mine = [], None
+    for rank in range(group.world_size):
+        rows = distributed.shard_indices(size, rank, group.world_size)
+        offsets = [0] * t.dim()
+        offsets[dim] = int(rows[0]) if len(rows) else 0
+        sizes = list(t.shape)
+        sizes[dim] = len(rows)
+        md = ShardMetadata(offsets, sizes, f"rank:{rank}/{device}")
+        shards.append(md)
+        if rank == group.rank:
+            mine = md
+    if mine.shard_offsets[dim] != start or mine.shard_sizes[dim] != t.shape[dim]:
+        raise RuntimeError(f"rows {start}.. of {size} are not this rank's block")
+    global_shape = list(t.shape)
+    global_shape[dim] = size
+    meta = ShardedTensorMetadata(
+        shards, torch.Size(global_shape), TensorProperties(dtype=t.dtype)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # ShardedTensor: still DCP's reshard
+        return ShardedTensor._init_from_local_shards_and_global_metadata(
+            [Shard(t, mine)], meta
+        )
+
+
+def _row_tensors(job: Job, local: dict, make: Any) -> dict[str, Any]:
+    """The DCP state dict of this rank's rows: ``make(name, key, like, dim)`` gives the
+    tensor of each entry (``key`` None for the param itself)."""
+    store = dict(distsvi.get_param_store().named_parameters())
+    layout = _rows.local_layout()
+    out = {}
+    for name, info in local.items():
+        p = store[name]
+        dim, size, start, _ = layout[name]
+        out[f"param/{name}"] = _global(make(name, None, p), dim, size, start, job.group)
+        for key, kdim in info["optim"].items():
+            # row-shaped state is shaped like the param, or one count per row (kdim 0)
+            shape = p.shape if kdim == dim and key != "step" or p.dim() == 1 else (p.shape[dim],)
+            out[f"optim/{name}/{key}"] = _global(
+                make(name, key, p, shape), kdim, size, start, job.group
+            )
+    return out
+
+
+def _dcp_quietly() -> Any:
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    warnings.simplefilter("ignore", FutureWarning)
+    warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+    return ctx
+
+
+def save(job: Job, ckpt: Checkpointer, step: int) -> None:
+    """Write the checkpoint of ``step`` (every rank calls it): the rows of local params
+    first, by every rank, then the file that commits them, by the main rank."""
+    state = job_state(job, step)
+    save_rows(job, ckpt, step)
+    ckpt.save(state)
+
+
+def save_rows(job: Job, ckpt: Checkpointer, step: int) -> None:
+    """Write this rank's rows of local params for the checkpoint of ``step`` (every rank
+    calls it together, before the checkpoint file is written)."""
+    local = local_rows(job)
+    if not local:
+        return
+    import torch.distributed.checkpoint as dcp
+
+    final = rows_dir(ckpt.path(step))
+    tmp = final.with_name(f".{final.name}.tmp")
+
+    def live(name: str, key: str | None, p: torch.Tensor, shape: Any = None) -> torch.Tensor:
+        return p.detach() if key is None else job.optim.live_state(name)[key]
+
+    tensors = _row_tensors(job, local, live)
+    quiet = _dcp_quietly()
+    try:
+        dcp.save(tensors, checkpoint_id=tmp, no_dist=not job.group.is_distributed)
+    except Exception as e:  # noqa: BLE001 - DCP reports every rank's failure the same way
+        if ckpt.is_writer:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise RunFailed(
+            f"cannot write the local params' rows of checkpoint step {step} to {tmp} "
+            f"({first_line(e)}); free space in {ckpt.dir} or set checkpoint.dir to another "
+            "directory, then run again (it resumes from the newest checkpoint)"
+        ) from None
+    finally:
+        quiet.__exit__(None, None, None)
+    # DCP returns on every rank once the coordinator has written the metadata: complete.
+    if ckpt.is_writer:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+
+
+def load_rows(job: Job, state: dict[str, Any], path: Path) -> None:
+    """Read the rows of local params this rank holds from the checkpoint's rows directory
+    (every rank together), into the store in place; their optimizer state goes to
+    ``state["local_optim"]`` for :func:`restore` to hand to the optimizer."""
+    import torch.distributed.checkpoint as dcp
+
+    directory = rows_dir(path)
+    local = state["local"]
+    layout = _rows.local_layout()
+    store = dict(distsvi.get_param_store().named_parameters())
+    for name, info in local.items():
+        if name not in store or name not in layout or layout[name][1] != info["size"]:
+            have = "absent" if name not in layout else f"of {layout[name][1]} rows"
+            raise CheckpointError(
+                path,
+                f"does not fit this config: local param {name!r} has {info['size']} rows in "
+                f"the checkpoint and is {have} here (another model or data?); start afresh "
+                "with checkpoint.resume=never or a new checkpoint.dir",
+            )
+    targets: dict[tuple, torch.Tensor] = {}
+
+    def fresh(name: str, key: str | None, p: torch.Tensor, shape: Any = None) -> torch.Tensor:
+        if key is None:
+            t = p.detach()  # the store's leaf: loaded in place
+        else:
+            dtype = torch.float32 if key == "step" else p.dtype  # lazy steps count in float32
+            t = torch.zeros(shape, dtype=dtype, device=p.device)
+        targets[(name, key)] = t
+        return t
+
+    tensors = _row_tensors(job, local, fresh)
+    quiet = _dcp_quietly()
+    try:
+        with torch.no_grad():
+            dcp.load(tensors, checkpoint_id=directory, no_dist=not job.group.is_distributed)
+    except Exception as e:  # noqa: BLE001 - DCP reports every rank's failure the same way
+        raise CheckpointError(
+            path, f"cannot read its local params' rows from {directory} ({first_line(e)})"
+        ) from None
+    finally:
+        quiet.__exit__(None, None, None)
+    entries: dict[str, Any] = {}
+    for name, info in local.items():
+        if not info["optim"]:
+            continue
+        entry = state["optim"].get(name)
+        if entry is None:
+            continue
+        scheduled = "scheduler" in entry and "optimizer" in entry
+        inner = entry["optimizer"] if scheduled else entry
+        saved = dict(inner["state"].get(0, {}))
+        for key in info["optim"]:
+            saved[key] = targets[(name, key)]
+        inner = {**inner, "state": {0: saved}}
+        entries[name] = {**entry, "optimizer": inner} if scheduled else inner
+    state["local_optim"] = entries

@@ -122,9 +122,10 @@ class OptimConfig:
     """Overrides by param-name prefix, e.g. ``{"AutoNormal.scales": {lr: 0.001}}``."""
     clip_norm: float | None = None
     """Clip the global gradient norm (after the cross-rank average) to this value."""
-    local_updates: str = "dense"
-    """dense (every row of a local param steps, Pyro's numbers) or lazy (only the rows of the
-    step's batch and their optimizer state advance: a step costs its batch, not the data)."""
+    local_updates: str = "lazy"
+    """lazy (only the rows of the step's batch and their optimizer state advance: a step
+    costs its batch, not the data) or dense (every row of a local param steps every step,
+    Pyro's numbers)."""
 
 
 @dataclass
@@ -217,6 +218,9 @@ class DistConfig:
     """Size of a gradient all-reduce bucket, in MiB."""
     pin_cpus: bool = False
     """On CPU, give each rank of a node cores of its own (cores // ranks per node)."""
+    local_params: str = "sharded"
+    """sharded (rank r stores and updates only its own block of the rows of local params,
+    which never enter the all-reduce) or replicated (every rank holds every row)."""
 
 
 @dataclass
@@ -447,6 +451,7 @@ SAFE_ON_RESUME = (
     "dist.timeout_s",
     "dist.bucket_cap_mb",
     "dist.pin_cpus",
+    "dist.local_params",
 )
 OPTIM_HYPERPARAMETERS = ("optim.lr", "optim.options", "optim.per_param")
 
@@ -560,6 +565,11 @@ def check_ranges(cfg: TrainConfig, base_dir: Path = Path("."), world_size: int =
         o.local_updates in ("dense", "lazy"),
         "optim.local_updates",
         f"must be dense or lazy, got {o.local_updates!r}",
+    )
+    require(
+        cfg.dist.local_params in ("sharded", "replicated"),
+        "dist.local_params",
+        f"must be sharded or replicated, got {cfg.dist.local_params!r}",
     )
     require(
         cfg.dist.timeout_s <= MAX_TIMEOUT_S,

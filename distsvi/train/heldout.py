@@ -68,8 +68,11 @@ def refitted(
 ) -> Iterator[tuple[Callable, Callable]]:
     """A model with the globals fixed at ``guide``'s median and a guide fitted to the local
     latents of ``rows``, valid inside the block (their params live in a store of their own)."""
+    # Row 0 of the training rows: a row every rank stores, sharded local params or not (its
+    # locals' values are dropped; only the globals are kept).
+    first = torch.zeros(1, dtype=torch.long, device=train[0].device)
     with torch.no_grad():
-        median = guide.median(*train, size=train[0].shape[0], subsample_size=1)
+        median = guide.median(*train, size=train[0].shape[0], subsample=first)
     fixed = {k: v.detach() for k, v in median.items() if k not in local}
     model_rows = _drop_density(poutine.condition(model, data=fixed), frozenset(fixed))
     n = rows[0].shape[0]

@@ -331,6 +331,7 @@ def build_job(cfg: TrainConfig, group: distributed.ProcessGroup) -> Job:
         bucket_cap_mb=cfg.dist.bucket_cap_mb,
         seed=cfg.run.seed,
         max_bad_steps=cfg.run.max_bad_steps,
+        local_params=cfg.dist.local_params,
     )
     monitor = GradMonitor(svi.grad_hook, cfg.optim.clip_norm, policy=dp)
     svi.grad_hook = monitor
@@ -349,7 +350,9 @@ def build_job(cfg: TrainConfig, group: distributed.ProcessGroup) -> Job:
             # Each new iterator draws a seed; from its own generator, not the training
             # stream, so that resuming mid-epoch draws what the uninterrupted run draws.
             generator=torch.Generator().manual_seed(cfg.run.seed),
+            own_rows=cfg.dist.local_params == "sharded",
         )
+        dp.shards.own_batches = dp.shards.own_rows
         steps_per_epoch = len(loader)
     total = cfg.run.steps if cfg.run.steps > 0 else cfg.run.epochs * steps_per_epoch
     job = Job(
@@ -394,9 +397,7 @@ def validate(job: Job, seed: int) -> float:
         loss = heldout_loss(
             job.model, job.guide, local, job.split.train, rows, job.cfg.optim.lr, batch
         )
-        if not g.is_distributed:
-            return loss
-        return distributed.all_reduce_scalars([loss], g)[0] * g.world_size
+        return distributed.all_reduce_scalars([loss], g)[0]  # the blocks' sum
 
 
 def local_latents(job: Job) -> tuple:

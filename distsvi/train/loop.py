@@ -103,8 +103,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                 progress.update(step, values)
             if ckpt.should_save(step, job.total_steps):
                 with timer.exclude():
-                    state = checkpoint.job_state(job, step)
-                    ckpt.save(state)
+                    checkpoint.save(job, ckpt, step)
         if start >= job.total_steps:
             progress.message(
                 f"nothing to do: the checkpoint in {cfg.checkpoint.dir} is at step {start} of "
