@@ -139,7 +139,8 @@ class _Walk:
         self._shard: Tensor | None = None
 
     def next(self) -> tuple[Tensor, float]:
-        if self.position == self.steps_per_epoch:
+        # (beyond the end: a position saved by a run on fewer ranks, whose epochs are longer)
+        if self.position >= self.steps_per_epoch:
             self.epoch, self.position, self._shard = self.epoch + 1, 0, None
         if self._shard is None:
             rank, world = self.group.rank, self.group.world_size

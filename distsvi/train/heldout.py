@@ -4,8 +4,9 @@ A non-amortized guide (an autoguide) holds one row of params per *training* data
 it has nothing to say about a held-out row's latents. For those models the job scores a
 held-out row the way a fitted factor model is usually scored: the global latents are
 fixed at the guide's median, a fresh guide of the same kind is fitted to the held-out
-rows' local latents alone (``REFIT_STEPS`` Adam steps at ``optim.lr``, in a param store of
-its own, from the same start every time), and the validation loss is the negative ELBO of
+rows' local latents alone (``REFIT_STEPS`` Adam steps at ``optim.lr`` on all of those rows
+at once, so every row gets as many updates on one rank as on many, in a param store of its
+own, from the same start every time), and the validation loss is the negative ELBO of
 the held-out rows under it. The trained params, their optimizer state and the training
 random stream are untouched. Amortized guides (``guide.name: model`` with an encoder)
 score held-out rows directly, as they are.
@@ -64,7 +65,6 @@ def refitted(
     train: tuple,
     rows: tuple,
     lr: float,
-    batch_size: int,
 ) -> Iterator[tuple[Callable, Callable]]:
     """A model with the globals fixed at ``guide``'s median and a guide fitted to the local
     latents of ``rows``, valid inside the block (their params live in a store of their own)."""
@@ -80,14 +80,15 @@ def refitted(
         guide_rows = type(guide)(model_rows)
         svi = SVI(model_rows, guide_rows, optim.Adam({"lr": lr}), Trace_ELBO())
         for _ in range(REFIT_STEPS):
-            svi.step(*rows, size=n, subsample_size=min(batch_size, n))
+            svi.step(*rows, size=n)
         yield model_rows, guide_rows
 
 
-def heldout_loss(model: Callable, guide: AutoGuide, local: tuple, train: tuple, rows: tuple,
-                 lr: float, batch_size: int) -> float:
+def heldout_loss(
+    model: Callable, guide: AutoGuide, local: tuple, train: tuple, rows: tuple, lr: float
+) -> float:
     """The negative ELBO of ``rows`` (all of them, unscaled) after refitting their locals."""
-    with refitted(model, guide, local, train, rows, lr, batch_size) as (m, g):
+    with refitted(model, guide, local, train, rows, lr) as (m, g):
         with torch.no_grad():
             return Trace_ELBO().loss(m, g, *rows, size=rows[0].shape[0])
 

@@ -394,9 +394,7 @@ def validate(job: Job, seed: int) -> float:
         # Per-datapoint latents: each rank refits and scores its block of held-out rows.
         g = job.group
         rows = shard_rows(job.split.val, g.rank, g.world_size)
-        loss = heldout_loss(
-            job.model, job.guide, local, job.split.train, rows, job.cfg.optim.lr, batch
-        )
+        loss = heldout_loss(job.model, job.guide, local, job.split.train, rows, job.cfg.optim.lr)
         return distributed.all_reduce_scalars([loss], g)[0]  # the blocks' sum
 
 
@@ -424,8 +422,7 @@ def posterior_predictive(job: Job, num_samples: int, seed: int) -> dict[str, tor
         model, guide = job.model, job.guide
         if local:  # fit the held-out rows' local latents first (distsvi.train.heldout)
             model, guide = stack.enter_context(
-                refitted(model, guide, local, job.split.train, job.split.val,
-                         job.cfg.optim.lr, job.cfg.run.batch_size)
+                refitted(model, guide, local, job.split.train, job.split.val, job.cfg.optim.lr)
             )
         stack.enter_context(torch.no_grad())
         guide_trace = poutine.trace(guide).get_trace(*inputs, None, **kwargs)

@@ -63,8 +63,8 @@ def test_heldout_refit_leaves_the_trained_params_alone():
     store = distsvi.get_param_store()
     before = {k: v.detach().clone() for k, v in store.items()}
     adam_state = {k: v["exp_avg"].clone() for k, v in svi.optim.optimizer.state.items()}
-    first = heldout_loss(m.model, guide, ("theta",), train_rows, val_rows, 0.05, 20)
-    again = heldout_loss(m.model, guide, ("theta",), train_rows, val_rows, 0.05, 20)
+    first = heldout_loss(m.model, guide, ("theta",), train_rows, val_rows, 0.05)
+    again = heldout_loss(m.model, guide, ("theta",), train_rows, val_rows, 0.05)
     assert dict(store.items()).keys() == before.keys()
     for k, v in store.items():
         assert torch.equal(v.detach(), before[k]), k
