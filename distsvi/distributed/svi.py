@@ -31,9 +31,10 @@ class DataParallelSVI:
     """Run ``svi`` data-parallel: every rank steps on its own shard and all take the same
     step.
 
-    It installs itself as ``svi.grad_hook`` and wraps :meth:`step` and
-    :meth:`evaluate_loss` in a :class:`~distsvi.distributed.data.ShardedPlates` handler.
-    At every step, after backward:
+    It is stage 3 of the SVI step's gradient path (``svi.reduce_grads``; see
+    :class:`~distsvi.infer.SVI`) and wraps :meth:`step` and :meth:`evaluate_loss` in a
+    :class:`~distsvi.distributed.data.ShardedPlates` handler. At every step, after
+    backward:
 
     - the gradients of the params touched are averaged over ranks in buckets of about
       ``bucket_cap_mb``, one asynchronous all-reduce per bucket; the loss rides in the last
@@ -43,9 +44,10 @@ class DataParallelSVI:
       with a flag in that same collective, so no rank acts alone. Then the sets are
       compared across ranks (an error naming the differing params is raised on every
       rank), params seen for the first time are broadcast from rank 0, and the step is run
-      again with the same subsample, so that even the first update uses gradients
-      computed at rank 0's values on every rank (one extra forward and backward each time
-      new params appear);
+      again with the same subsample and the same random draws, so that even the first
+      update uses gradients computed at rank 0's values on every rank (one extra forward
+      and backward each time new params appear). Replaying the draws makes a resumed
+      run's first step, which is such a rerun, the step the uninterrupted run took;
     - a non-finite loss or gradient on any rank makes the step skipped on every rank
       (counted in :attr:`num_skipped`); ``max_bad_steps`` in a row raise
       ``FloatingPointError`` on every rank;
@@ -57,7 +59,7 @@ class DataParallelSVI:
 
     With world size 1 nothing is wrapped: :meth:`step` is ``svi.step``, bit for bit, and
     plates draw as they would without it (:meth:`evaluate_loss` still evaluates all the
-    data). ``SVI(compile=True)`` works unchanged: the shard draws stay outside the graph.
+    data), unless ``walk_epochs`` is set. ``SVI(compile=True)`` works unchanged: the shard draws stay outside the graph.
     With several buckets, a bucket's all-reduce starts during backward as soon as its
     gradients are all produced (``overlap_backward``; see
     :class:`~distsvi.distributed.reduce.BucketReducer`): buckets follow the reverse of the
@@ -67,7 +69,7 @@ class DataParallelSVI:
     Per-rank Monte-Carlo noise comes from seeding each rank with
     :func:`~distsvi.distributed.rank_seed` (see :func:`~distsvi.distributed.seed_rank`).
 
-    :param svi: the :class:`~distsvi.infer.SVI` to run; its ``grad_hook`` must be free.
+    :param svi: the :class:`~distsvi.infer.SVI` to run; its ``reduce_grads`` must be free.
     :param group: the process group (default: the running one, or world size 1).
     :param shard_plates: names of the plates whose ``subsample_size`` draws from this
         rank's shard.
@@ -96,6 +98,10 @@ class DataParallelSVI:
         with ``num_particles=1`` or vectorized particles); a loss that runs backward more
         than once otherwise raises, so pass ``False`` for a custom ``loss_and_grads``
         that does.
+    :param bool walk_epochs: with world size 1 too, sharded plates walk an epoch
+        permutation, as ranks do, instead of the plate's ``randperm(N)`` per step (which
+        costs more than the step for large N). The job sets it; the default keeps a
+        single process's :meth:`step` ``svi.step`` exactly.
 
     Example::
 
@@ -119,6 +125,7 @@ class DataParallelSVI:
         busy_wait_ms: float = 20.0,
         overlap_backward: bool = True,
         local_params: str = "replicated",
+        walk_epochs: bool = False,
     ) -> None:
         if isinstance(shard_plates, str):
             shard_plates = (shard_plates,)
@@ -156,16 +163,21 @@ class DataParallelSVI:
         self._modules: list[torch.nn.Module] = []  # whose buffers follow rank 0
         self._rerun = False
         self._loss = float("nan")
+        self.walk_epochs = walk_epochs
+        self._store_version: int | None = None  # the param store's at the last step
+        self._rng_devices = (
+            [self.group.device.index or 0] if self.group.device.type == "cuda" else []
+        )
         if self.group.is_distributed:
-            if svi.grad_hook is not None:
+            if svi.reduce_grads is not None:
                 raise ValueError(
-                    "svi.grad_hook is already set; DataParallelSVI needs it to reduce "
-                    "gradients. Wrap a fresh SVI."
+                    "svi.reduce_grads is already set: another DataParallelSVI wraps this "
+                    "SVI. Wrap a fresh SVI."
                 )
-            svi.grad_hook = self._reduce_grads
+            svi.reduce_grads = self._reduce_grads
             # Replicated local params: ranks touch different rows, so row gradients are
             # averaged as full gradients and the optimizer steps every row.
-            svi._dense_rows = not sharded
+            svi.dense_rows = not sharded
 
     def step(self, *args: Any, **kwargs: Any) -> float:
         """Take one SVI step on every rank with this rank's shard of the data.
@@ -173,12 +185,23 @@ class DataParallelSVI:
         :returns: the loss averaged over ranks (an estimate of the full-data loss).
         """
         if not self.group.is_distributed:
-            return self.svi.step(*args, **kwargs)
+            if not self.walk_epochs:
+                return self.svi.step(*args, **kwargs)
+            self.shards.next_step(ahead=self.svi._compiled is not None)
+            with self.shards:
+                return self.svi.step(*args, **kwargs)
         self.shards.next_step(ahead=self.svi._compiled is not None)
+        # A rerun comes only when params appear: on the first step, or after a step that
+        # created some. Only then is the RNG state worth copying.
+        version = _PARAM_STORE.version
+        rng = _get_rng(self._rng_devices) if version != self._store_version else None
+        self._store_version = version
         with self.shards:
             self._step_once(args, kwargs)
             if self._rerun:  # new params were broadcast: redo the step at their values
                 self._rerun = False
+                if rng is not None:
+                    _set_rng(rng, self._rng_devices)
                 self._step_once(args, kwargs)
                 if self._rerun:
                     self._rerun = False
@@ -352,3 +375,13 @@ def _grad_or_zeros(p: Tensor | None, like: Tensor) -> Tensor:
 def _skip(params: dict[str, Tensor]) -> None:
     for p in params.values():
         p.grad = None
+
+
+def _get_rng(devices: list[int]) -> tuple:
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def _set_rng(state: tuple, devices: list[int]) -> None:
+    torch.set_rng_state(state[0])
+    for d, s in zip(devices, state[1]):
+        torch.cuda.set_rng_state(s, d)

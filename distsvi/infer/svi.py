@@ -45,9 +45,9 @@ class SVI:
     :param loss_and_grads: optional ``fn(model, guide, *args, **kwargs)`` that runs
         backward itself and returns the loss; defaults to ``loss.loss_and_grads``.
     :param grad_hook: optional ``hook(loss, params) -> loss or None``, called after backward
-        with the 0-dim loss tensor and ``{name: unconstrained param}`` of this step; it may
-        change gradients (e.g. average them across ranks), and returning ``None`` skips the
-        optimizer step. This is the seam :mod:`distsvi.distributed` uses.
+        (and after the cross-rank average, when there is one) with the 0-dim loss tensor
+        and ``{name: unconstrained param}`` of this step; it may change gradients (clip
+        them, say), and returning ``None`` skips the optimizer step.
     :param compile: ``True`` (or a dict of ``torch.compile`` options) to run steps through
         ``torch.compile`` once the params exist: the first step runs eagerly (params are
         created and the model is checked), later steps run the compiled loss (and the
@@ -65,6 +65,19 @@ class SVI:
     backward pass touches all N rows. The optimizer's ``local_updates`` then says what
     the rows' gradient does (``"dense"``: Pyro's full step; ``"lazy"``: only those rows
     step; see :class:`~distsvi.optim.PyroOptim`).
+
+    A step's gradient path, in order (:meth:`step`, then :meth:`_apply`):
+
+    1. backward: ``loss_and_grads`` (or the compiled loss) fills the gradients;
+    2. local params' row gradients are split from the global params' (lazy updates) or
+       scattered into full gradients (dense);
+    3. ``reduce_grads(loss, grads)``, when set: the data-parallel layer's one bucketed
+       all-reduce of the global gradients (:class:`~distsvi.distributed.DataParallelSVI`
+       sets it); it returns the loss averaged over ranks, or ``None`` to skip the step on
+       every rank;
+    4. ``grad_hook(loss, grads)``, when set: clip and monitor (``None`` skips);
+    5. the optimizer steps the global params and the local rows;
+    6. gradients are set to ``None`` and the loss is read once, as a float.
 
     Example::
 
@@ -99,6 +112,10 @@ class SVI:
         self.num_samples = num_samples
         self.num_steps = num_steps
         self.grad_hook = grad_hook
+        # Stage 3 of the gradient path: the cross-rank average (see DataParallelSVI).
+        self.reduce_grads: GradHook | None = None
+        # Replicated local params on several ranks: rows are averaged as full gradients.
+        self.dense_rows = False
         if hasattr(loss, "loss") and hasattr(loss, "loss_and_grads"):
             self.loss = loss.loss
             # The ELBO's tensor-returning path: the step's one host sync stays in _apply.
@@ -148,43 +165,42 @@ class SVI:
         optim_step=None,
         rows: dict[str, _rows.RowGrad] | None = None,
     ) -> float:
-        """Row gradients, hook, optimizer step, zeroed grads: the end of every step.
+        """Stages 2 to 6 of the gradient path (see the class docstring).
 
         ``rows`` are the step's row gradients of local params (see
         :mod:`distsvi.params.rows`). An optimizer with ``local_updates="lazy"`` gets them
         as they are and updates only those rows; any other optimizer sees them scattered
-        into full gradients, which is Pyro's step exactly. The hook sees a row gradient as
-        the gradient of a tensor of the rows' shape (norms and clipping are the same).
+        into full gradients, which is Pyro's step exactly. The reduce and hook stages see
+        a row gradient as the gradient of a tensor of the rows' shape (norms and clipping
+        are the same).
         """
-        hooked, local = params, None
+        grads, local = params, None
         if rows:
             if self._lazy_rows():
-                hooked, local = self._split_rows(params, rows)
+                grads, local = self._split_rows(params, rows)
             else:
                 for rg in rows.values():
                     _rows.scatter(rg)
-        step = optim_step or self.optim
-        if self.grad_hook is not None:
-            reported = self.grad_hook(loss, hooked)
-            if reported is not None:
-                self._step_optim(step, params, hooked, local)
-                loss = reported
-        else:
-            self._step_optim(step, params, hooked, local)
-        for p in hooked.values():
+        reported: torch.Tensor | float | None = loss
+        if self.reduce_grads is not None:
+            reported = self.reduce_grads(reported, grads)
+        if reported is not None and self.grad_hook is not None:
+            reported = self.grad_hook(reported, grads)
+        if reported is not None:
+            self._step_optim(optim_step or self.optim, params, grads, local)
+            loss = reported
+        for p in grads.values():
             p.grad = None
         for p in params.values():
             p.grad = None
         return float(loss)  # host sync: the one per step, as Pyro's step returns a float
 
     def _lazy_rows(self) -> bool:
-        return getattr(self.optim, "local_updates", "dense") == "lazy" and not getattr(
-            self, "_dense_rows", False
-        )
+        return getattr(self.optim, "local_updates", "dense") == "lazy" and not self.dense_rows
 
     @staticmethod
     def _split_rows(params: dict, rows: dict) -> tuple[dict, dict]:
-        hooked = {name: p for name, p in params.items() if name not in rows}
+        grads = {name: p for name, p in params.items() if name not in rows}
         local = {}
         for name, rg in rows.items():
             if rg.full.grad is not None:
@@ -195,18 +211,18 @@ class SVI:
                 rg = _rows.RowGrad(name, rg.full, 0, index, grad)
             holder = torch.empty_like(rg.grad).requires_grad_(True)
             holder.grad = rg.grad
-            hooked[name] = holder
+            grads[name] = holder
             local[name] = rg
-        return hooked, local
+        return grads, local
 
     @staticmethod
-    def _step_optim(step, params: dict, hooked: dict, local: dict | None) -> None:
+    def _step_optim(step, params: dict, grads: dict, local: dict | None) -> None:
         if not local:
             step(params)
             return
         dense = {name: p for name, p in params.items() if name not in local}
         # the hook may have replaced a holder's gradient (averaged, clipped)
-        row_list = [rg._replace(grad=hooked[name].grad) for name, rg in local.items()]
+        row_list = [rg._replace(grad=grads[name].grad) for name, rg in local.items()]
         step(dense, rows=row_list)
 
     def _prepare_compiled(self, params: dict[str, torch.Tensor]) -> None:

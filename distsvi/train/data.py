@@ -161,11 +161,17 @@ def load_data(
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.split_seed))
     num_val = round(n * cfg.val_fraction)
     val_rows, train_rows = perm[:num_val].sort().values, perm[num_val:].sort().values
-    return Split(
-        train=tuple(t[train_rows] for t in tensors),
-        val=tuple(t[val_rows] for t in tensors),
-        val_rows=val_rows,
-    )
+    return Split(train=_take(tensors, train_rows), val=_take(tensors, val_rows), val_rows=val_rows)
+
+
+def _take(tensors: tuple[Tensor, ...], rows: Tensor) -> tuple[Tensor, ...]:
+    """``t[rows]`` of each tensor; a tensor given twice (inputs that are also the
+    observations) is copied once, so a large table is not held twice."""
+    taken: dict[int, Tensor] = {}
+    for t in tensors:
+        if id(t) not in taken:
+            taken[id(t)] = t[rows]
+    return tuple(taken[id(t)] for t in tensors)
 
 
 @contextlib.contextmanager

@@ -56,7 +56,6 @@ class Job:
     svi: SVI
     dp: distributed.DataParallelSVI
     monitor: GradMonitor
-    replay: ReplayOnRerun | None
     loader: DistributedLoader | None
     total_steps: int
     steps_per_epoch: int
@@ -70,28 +69,23 @@ class Job:
 
     def step(self) -> float:
         """One training step on this rank's next minibatch; the loss averaged over ranks."""
-        size = self.split.num_train
-        if self.replay is not None:
-            self.replay.begin_step()
-        if self.loader is None:  # the "data" plate draws this rank's rows (ShardedPlates)
-            data, batch = self.split.train, self.cfg.run.batch_size
-            if self.group.is_distributed:
-                loss = self.dp.step(*data, size=size, subsample_size=batch)
-            else:
-                # One process walks an epoch permutation as the ranks do, instead of the
-                # plate's randperm(N) per step, which costs more than the step for large N.
-                self.dp.shards.next_step(ahead=self.svi._compiled is not None)
-                with self.dp.shards:
-                    loss = self.dp.step(*data, size=size, subsample_size=batch)
-        else:
-            idx, batch = self._next_batch()
-            loss = self.dp.step(*batch, size=size, subsample=idx)
+        args, kwargs = self.inputs()
+        loss = self.dp.step(*args, **kwargs)
         if self.compile and self.svi._compile_options is None:
             # Compiled from the next step on: this first one creates the params and, on
-            # several ranks, reruns at rank 0's values through ReplayOnRerun (an eager seam),
-            # so a resumed run repeats the uninterrupted run's draws either way.
+            # several ranks, reruns at rank 0's values (DataParallelSVI), eagerly.
             self.svi._compile_options = {}
         return loss
+
+    def inputs(self) -> tuple[tuple, dict[str, Any]]:
+        """The next step's ``(args, kwargs)`` for the model: the training tensors with the
+        "data" plate's ``subsample_size`` (the sharded plates draw this rank's rows), or
+        the loader's next batch of rows with their indices."""
+        size = self.split.num_train
+        if self.loader is None:
+            return self.split.train, {"size": size, "subsample_size": self.cfg.run.batch_size}
+        idx, batch = self._next_batch()
+        return tuple(batch), {"size": size, "subsample": idx}
 
     def _next_batch(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if self._batches is None:
@@ -123,36 +117,34 @@ class Job:
 
 
 class GradMonitor:
-    """Runs after the cross-rank gradient average (``svi.grad_hook``): measures the
-    gradient norm, clips it, and in a single process skips steps whose loss or gradients
-    are not finite. Across ranks :class:`~distsvi.distributed.DataParallelSVI` skips those
-    itself, the same on every rank; in one process its policy (count, skip, stop after
-    ``max_bad_steps`` in a row) is applied here, so both share one policy.
+    """Stage 4 of the SVI step's gradient path (``svi.grad_hook``, after the cross-rank
+    average): measures the gradient norm, clips it, and in a single process skips steps
+    whose loss or gradients are not finite. Across ranks
+    :class:`~distsvi.distributed.DataParallelSVI` has skipped those already, the same on
+    every rank (its flags ride in the gradient all-reduce); in one process its policy
+    (count, skip, stop after ``max_bad_steps`` in a row) is applied here, so both share
+    one policy.
 
-    :param policy: the DataParallelSVI whose skip/stop policy a single process uses
-        (None: count skipped steps in :attr:`skipped` only).
+    :param policy: the DataParallelSVI whose skip/stop policy applies (None: one
+        process, counting skipped steps in :attr:`skipped` only).
     """
 
-    def __init__(self, inner: Callable | None, clip_norm: float | None, policy: Any = None) -> None:
-        self.inner, self.clip_norm, self.policy = inner, clip_norm, policy
+    def __init__(self, clip_norm: float | None, policy: Any = None) -> None:
+        self.clip_norm, self.policy = clip_norm, policy
+        # Across ranks the skip decision and the host read were made in the all-reduce.
+        self.reduced = policy is not None and policy.group.is_distributed
         self.skipped = 0
         self.grad_norm = torch.zeros(())
 
     def __call__(
         self, loss: torch.Tensor, params: dict[str, torch.Tensor]
     ) -> torch.Tensor | float | None:
-        if self.inner is not None:
-            # Across ranks the data-parallel layer has averaged the gradients and decided
-            # on skipping (its flags ride in the gradient all-reduce): no host read here.
-            loss = self.inner(loss, params)
-            if loss is None:  # skipped (or to be rerun) by the data-parallel layer
-                return None
         grads = [p.grad for p in params.values() if p.grad is not None]
         if not grads:
             return loss
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         self.grad_norm = norm.detach()  # a tensor: read on log steps only
-        if self.inner is None:
+        if not self.reduced:
             # Sync point: the step's one host read, loss and gradient norm together, to
             # decide whether to skip; SVI returns the loss read here.
             loss_value, norm_value = torch.stack(
@@ -169,53 +161,6 @@ class GradMonitor:
         if self.clip_norm is not None:
             torch._foreach_mul_(grads, torch.clamp(self.clip_norm / (norm + 1e-6), max=1.0))
         return loss
-
-
-class ReplayOnRerun:
-    """Wraps ``svi.loss_and_grads`` so that every run of it within one step draws the same
-    random numbers.
-
-    DataParallelSVI reruns a step when params first appear (after broadcasting rank 0's
-    values). A resumed run's first step is such a rerun; replaying the step's draws makes
-    it the step the uninterrupted run took, so resuming repeats the run exactly.
-
-    Copying the RNG state costs a little each step, so it is copied only while a rerun
-    may come: on a process's first step and on the steps after one that created params
-    (the param store's version moved). A param first created later in a run has its step
-    rerun with fresh draws (still a valid step, not a replay of the first run).
-    """
-
-    def __init__(self, fn: Callable, devices: list[int]) -> None:
-        self.fn, self.devices = fn, devices
-        self.state: tuple | None = None
-        self.armed = True
-        self.first_run = True
-        self.version: int | None = None
-
-    def begin_step(self) -> None:
-        version = distsvi.get_param_store().version
-        self.armed = self.version is None or version != self.version
-        self.version = version
-        self.state, self.first_run = None, True
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.first_run:
-            self.first_run = False
-            if self.armed:
-                self.state = _get_rng(self.devices)
-        elif self.state is not None:
-            _set_rng(self.state, self.devices)
-        return self.fn(*args, **kwargs)
-
-
-def _get_rng(devices: list[int]) -> tuple:
-    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
-
-
-def _set_rng(state: tuple, devices: list[int]) -> None:
-    torch.set_rng_state(state[0])
-    for d, s in zip(devices, state[1]):
-        torch.cuda.set_rng_state(s, d)
 
 
 def build_model(cfg: TrainConfig) -> tuple[Any, Callable]:
@@ -332,12 +277,9 @@ def build_job(cfg: TrainConfig, group: distributed.ProcessGroup) -> Job:
         seed=cfg.run.seed,
         max_bad_steps=cfg.run.max_bad_steps,
         local_params=cfg.dist.local_params,
+        walk_epochs=True,
     )
-    monitor = GradMonitor(svi.grad_hook, cfg.optim.clip_norm, policy=dp)
-    svi.grad_hook = monitor
-    replay = None
-    if group.is_distributed:
-        replay = svi.loss_and_grads = ReplayOnRerun(svi.loss_and_grads, cuda_devices(group))
+    monitor = svi.grad_hook = GradMonitor(cfg.optim.clip_norm, policy=dp)
     loader = None
     rows_per_step = cfg.run.batch_size * group.world_size
     steps_per_epoch = max(1, split.num_train // rows_per_step)
@@ -367,7 +309,6 @@ def build_job(cfg: TrainConfig, group: distributed.ProcessGroup) -> Job:
         svi,
         dp,
         monitor,
-        replay,
         loader,
         total,
         steps_per_epoch,
@@ -462,11 +403,16 @@ def check_same_data(name: str, split: Split, group: distributed.ProcessGroup) ->
 
 def _fingerprint(tensors: tuple[torch.Tensor, ...]) -> list[tuple]:
     out = []
+    chunk = 1 << 22  # float64 temporaries of 32 MB, whatever the data's size
     for t in tensors:
-        flat = t.detach().reshape(-1).to("cpu", torch.float64)
-        weights = torch.arange(flat.numel(), dtype=torch.float64) % 1009 + 1
-        sums = (round(float(flat.sum()), 6), round(float((flat * weights).sum()), 6))
-        out.append((tuple(t.shape), str(t.dtype), sums))
+        flat = t.detach().reshape(-1)
+        total = weighted = 0.0
+        for start in range(0, flat.numel(), chunk):
+            part = flat[start : start + chunk].to("cpu", torch.float64)
+            weights = torch.arange(start, start + part.numel(), dtype=torch.float64) % 1009 + 1
+            total += float(part.sum())
+            weighted += float((part * weights).sum())
+        out.append((tuple(t.shape), str(t.dtype), (round(total, 6), round(weighted, 6))))
     return out
 
 

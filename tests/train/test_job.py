@@ -221,7 +221,7 @@ def test_grad_monitor_clips_and_skips_non_finite():
 
     p = torch.zeros(3, requires_grad=True)
     p.grad = torch.tensor([3.0, 4.0, 0.0])
-    monitor = GradMonitor(None, clip_norm=1.0)
+    monitor = GradMonitor(clip_norm=1.0)
     loss = torch.tensor(2.0)
     assert monitor(loss, {"p": p}) == 2.0  # the loss, as read at the step's one host sync
     assert float(monitor.grad_norm) == pytest.approx(5.0)
