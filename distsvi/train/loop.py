@@ -22,7 +22,7 @@ from distsvi.train import checkpoint
 from distsvi.train.config import TrainConfig, to_yaml
 from distsvi.train.errors import ConfigError, RunFailed, first_line
 from distsvi.train.job import Job, build_job, first_non_finite, posterior_predictive, validate
-from distsvi.train.metrics import Progress, Timer, make_metrics, peak_memory_mb
+from distsvi.train.metrics import Progress, Timer, make_metrics, peak_memory_mb, reset_peak_memory
 from distsvi.train.models import BUILTIN
 from distsvi.train.process import DirLock
 
@@ -74,6 +74,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         rows_per_step = cfg.run.batch_size * group.world_size
         timer = Timer()
         val_loss = math.nan
+        reset_peak_memory(group.device)  # perf/peak_mem_mb: training's peak, not loading's
         for step in range(start + 1, job.total_steps + 1):
             loss = take_step(job, first=step == start + 1)
             timer.tick()

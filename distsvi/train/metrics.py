@@ -159,12 +159,37 @@ class Progress:
             self.bar.close()
 
 
+def reset_peak_memory(device: Any = None) -> None:
+    """Start :func:`peak_memory_mb` again from the memory in use now, so that the training
+    loop's peak is not the data loading's: CUDA's peak statistics on a GPU; on Linux the
+    process's resident high-water mark (``/proc/self/clear_refs``). Elsewhere the peak
+    stays the process's."""
+    import torch
+
+    if device is not None and getattr(device, "type", "cpu") == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_mb(device: Any = None) -> float:
-    """This process's peak memory so far, MiB: CUDA memory on a GPU, resident memory on CPU."""
+    """This process's peak memory, MiB, since :func:`reset_peak_memory` (or since it
+    started): CUDA memory on a GPU, resident memory on CPU."""
     import torch
 
     if device is not None and getattr(device, "type", "cpu") == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
