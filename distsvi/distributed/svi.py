@@ -59,7 +59,8 @@ class DataParallelSVI:
 
     With world size 1 nothing is wrapped: :meth:`step` is ``svi.step``, bit for bit, and
     plates draw as they would without it (:meth:`evaluate_loss` still evaluates all the
-    data), unless ``walk_epochs`` is set. ``SVI(compile=True)`` works unchanged: the shard draws stay outside the graph.
+    data), unless ``walk_epochs`` is set. ``SVI(compile=True)`` works unchanged: the shard
+    draws stay outside the graph.
     With several buckets, a bucket's all-reduce starts during backward as soon as its
     gradients are all produced (``overlap_backward``; see
     :class:`~distsvi.distributed.reduce.BucketReducer`): buckets follow the reverse of the
@@ -184,13 +185,12 @@ class DataParallelSVI:
 
         :returns: the loss averaged over ranks (an estimate of the full-data loss).
         """
+        if not self.group.is_distributed and not self.walk_epochs:
+            return self.svi.step(*args, **kwargs)
+        self.shards.next_step(ahead=self.svi._compiled is not None)
         if not self.group.is_distributed:
-            if not self.walk_epochs:
-                return self.svi.step(*args, **kwargs)
-            self.shards.next_step(ahead=self.svi._compiled is not None)
             with self.shards:
                 return self.svi.step(*args, **kwargs)
-        self.shards.next_step(ahead=self.svi._compiled is not None)
         # A rerun comes only when params appear: on the first step, or after a step that
         # created some. Only then is the RNG state worth copying.
         version = _PARAM_STORE.version

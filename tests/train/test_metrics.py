@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import sys
+from pathlib import Path
 
+import pytest
+import torch
 from train_helpers import event_files, scalars
 
 from distsvi.train.metrics import NullMetrics, Progress, TensorBoardMetrics, make_metrics
@@ -49,3 +52,15 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere(monkeypatch, capsys
     quiet.update(5, VALUES)
     quiet.message("only rank 0 speaks")
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only")
+def test_peak_memory_resets_to_the_memory_in_use():
+    """perf/peak_mem_mb leaves data loading out: a freed 400 MB buffer's peak is forgotten."""
+    from distsvi.train.metrics import peak_memory_mb, reset_peak_memory
+
+    big = torch.ones(100_000_000)  # 400 MB, touched
+    high = peak_memory_mb()
+    del big
+    reset_peak_memory()
+    assert peak_memory_mb() < high - 300
