@@ -129,7 +129,9 @@ class ELBO:
         self._checked.add(key)
 
     def _guess_max_plate_nesting(self, model, guide, args, kwargs) -> None:
-        with poutine.block():
+        # Plates' index draws still reach the handlers outside: a rank's shard handler
+        # fills them, so the trial run reads (and creates) only that rank's rows.
+        with poutine.block(expose_types=("subsample",)):
             model_trace, guide_trace = self._raw_traces(model, guide, args, kwargs)
         self.max_plate_nesting = plate_nesting(model_trace, guide_trace)
         if self.vectorize_particles and self.num_particles > 1:

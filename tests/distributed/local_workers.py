@@ -78,3 +78,19 @@ def drawn_batches(group: ProcessGroup, n: int, batch: int, steps: int, local_upd
         dp.step(x, batch=batch)
         drawn.append(dp.shards.indices("data").clone())
     return {"params": snapshot(), "indices": drawn}
+
+
+def vectorized_unbounded(group: ProcessGroup, n: int, batch: int) -> dict:
+    """Vectorized particles with no max_plate_nesting: the ELBO's trial run that finds the
+    nesting runs under the rank's shard, so it creates only the rank's rows too."""
+    seed_rank(0, group)
+    x = data(n)
+    loss = Trace_ELBO(num_particles=3, vectorize_particles=True)
+    svi = SVI(local_model, guide(), Adam({"lr": 0.05}, local_updates="lazy"), loss)
+    dp = DataParallelSVI(svi, group, local_params="sharded", seed=7)
+    losses = [dp.step(x, batch=batch) for _ in range(3)]
+    return {
+        "shapes": {k: tuple(v.shape) for k, v in snapshot().items()},
+        "losses": losses,
+        "nesting": loss.max_plate_nesting,
+    }

@@ -4,6 +4,8 @@ the union of the ranks' batches."""
 
 from __future__ import annotations
 
+import math
+
 import local_workers as w
 import pytest
 import torch
@@ -105,3 +107,13 @@ def joined_any(r0: dict, r1: dict) -> dict:
     out = dict(r0["params"])
     out["AutoDelta.z"] = torch.cat([r0["params"]["AutoDelta.z"], r1["params"]["AutoDelta.z"]])
     return out
+
+
+def test_vectorized_particles_without_a_nesting_bound_store_only_the_ranks_rows():
+    n, batch = 11, 4
+    r0, r1 = ok(run_ranks(w.vectorized_unbounded, n, batch))
+    for rank, r in enumerate((r0, r1)):
+        assert r["nesting"] == 2  # the data plate and the particle plate
+        assert r["shapes"]["AutoDelta.z"] == (len(shard_indices(n, rank, 2)), w.D)
+        assert r["shapes"]["AutoDelta.mu"] == (w.D,)
+        assert all(map(math.isfinite, r["losses"]))
