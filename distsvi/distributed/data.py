@@ -199,6 +199,7 @@ class ShardedPlates(Messenger):
         self.training = True
         self._walks: dict[str, _Walk] = {}
         self._drawn: dict[str, tuple[Tensor, float]] = {}
+        self._taken: set[str] = set()  # plates whose batches the caller takes (take())
 
     def next_step(self, ahead: bool = False) -> None:
         """Let the next draw of each plate advance to new indices.
@@ -210,7 +211,16 @@ class ShardedPlates(Messenger):
         self._drawn.clear()
         if ahead and self.training:
             for name, walk in self._walks.items():
-                self._drawn[name] = walk.next()
+                if name not in self._taken:
+                    self._drawn[name] = walk.next()
+
+    def take(self, name: str, size: int, batch: int) -> Tensor:
+        """The next training batch of plate ``name``'s walk, for a caller that passes it
+        as ``plate(name, size, subsample=idx)`` along with just those rows of the data
+        (so that a rank need not hold the others). With ``own_rows`` these are rows of
+        the rank's own block, scaled as a drawn batch is (set :attr:`own_batches`)."""
+        self._taken.add(name)
+        return self._walk(name, size, batch).next()[0]
 
     def indices(self, name: str) -> Tensor | None:
         """The indices plate ``name`` drew in this step, or ``None`` if it drew none."""
@@ -282,6 +292,9 @@ class ShardedPlates(Messenger):
             return shard_indices(size, self.group.rank, self.group.world_size), float(
                 self.group.world_size
             )
+        return self._walk(name, size, batch).next()
+
+    def _walk(self, name: str, size: int, batch: int) -> _Walk:
         walk = self._walks.get(name)
         if walk is None or (walk.size, walk.batch) != (size, batch):
             if walk is not None:
@@ -293,7 +306,7 @@ class ShardedPlates(Messenger):
                 )
             walk = _Walk(name, size, batch, self.group, self.seed, self.own_rows)
             self._walks[name] = walk
-        return walk.next()
+        return walk
 
     def state_dict(self) -> dict[str, Any]:
         """The data position of every sharded plate, for checkpoints."""

@@ -298,18 +298,12 @@ def job_state(job: Job, step: int) -> dict[str, Any]:
 
 def _materialize_params(job: Job) -> None:
     """Run model and guide once so that every param (and module) exists, off the RNG stream."""
-    # Under the shard handler, so that sharded local params are made as this rank's rows;
-    # the walk it advances is reset when the data position is loaded.
+    # Under the shard handler, so that sharded local params are made as this rank's rows.
     # Recording rows, as a training step does, makes local params known as such.
+    args, kwargs = job.probe(job.cfg.run.batch_size)
     with torch.random.fork_rng(devices=cuda_devices(job.group)), torch.no_grad(), \
             job.dp.shards, _rows.record_rows():
-        job.svi.loss(
-            job.model,
-            job.guide,
-            *job.split.train,
-            size=job.split.num_train,
-            subsample_size=job.cfg.run.batch_size,
-        )
+        job.svi.loss(job.model, job.guide, *args, **kwargs)
 
 
 def load_params(job: Job, state: dict[str, Any], path: Path) -> None:

@@ -220,7 +220,8 @@ class DistConfig:
     """On CPU, give each rank of a node cores of its own (cores // ranks per node)."""
     local_params: str = "sharded"
     """sharded (rank r stores and updates only its own block of the rows of local params,
-    which never enter the all-reduce) or replicated (every rank holds every row)."""
+    which never enter the all-reduce, and holds only that block of the in-memory training
+    rows) or replicated (every rank holds every row)."""
 
 
 @dataclass

@@ -111,15 +111,46 @@ assert set(LOADERS) == set(BUILTIN_DATA)
 
 @dataclass
 class Split:
-    """Training and validation rows; ``val_rows`` are row numbers into the loaded dataset."""
+    """Training and validation rows; ``val_rows`` are row numbers into the loaded dataset.
+
+    ``train`` may hold only a block of the training rows (a rank's own rows, see
+    :meth:`keep_block`): training rows ``offset .. offset + len(train[0])`` of
+    ``num_train``.
+    """
 
     train: tuple[Tensor, ...]
     val: tuple[Tensor, ...]
     val_rows: Tensor
+    offset: int = 0
+    size: int | None = None  # all training rows, when ``train`` holds a block of them
 
     @property
     def num_train(self) -> int:
-        return self.train[0].shape[0]
+        return self.train[0].shape[0] if self.size is None else self.size
+
+    @property
+    def is_block(self) -> bool:
+        return self.size is not None
+
+    def keep_block(self, start: int, stop: int) -> None:
+        """Keep training rows ``start .. stop`` only (copied, so the rest is freed)."""
+        n = self.num_train
+        self.train = _take(self.train, slice(start, stop))
+        self.offset, self.size = start, n
+
+    def rows(self, idx: Tensor) -> tuple[Tensor, ...]:
+        """The training rows ``idx`` (numbered among all training rows) of every tensor."""
+        local = idx - self.offset if self.offset else idx
+        return _take(self.train, local.to(self.train[0].device))
+
+    def head(self, count: int, start: int | None = None) -> tuple[tuple[Tensor, ...], dict]:
+        """``(args, kwargs)`` for the model on ``count`` rows from training row ``start``
+        (default: the first row held here), given as a minibatch with its indices (a
+        probe of the model that draws nothing)."""
+        start = self.offset if start is None else start
+        count = min(count, self.offset + self.train[0].shape[0] - start)
+        idx = torch.arange(start, start + count, device=self.train[0].device)
+        return self.rows(idx), {"size": self.num_train, "subsample": idx}
 
     @property
     def num_val(self) -> int:
@@ -164,13 +195,13 @@ def load_data(
     return Split(train=_take(tensors, train_rows), val=_take(tensors, val_rows), val_rows=val_rows)
 
 
-def _take(tensors: tuple[Tensor, ...], rows: Tensor) -> tuple[Tensor, ...]:
-    """``t[rows]`` of each tensor; a tensor given twice (inputs that are also the
-    observations) is copied once, so a large table is not held twice."""
+def _take(tensors: tuple[Tensor, ...], rows: Tensor | slice) -> tuple[Tensor, ...]:
+    """A copy of ``t[rows]`` of each tensor; a tensor given twice (inputs that are also
+    the observations) is copied once, so a large table is not held twice."""
     taken: dict[int, Tensor] = {}
     for t in tensors:
         if id(t) not in taken:
-            taken[id(t)] = t[rows]
+            taken[id(t)] = t[rows].clone() if isinstance(rows, slice) else t[rows]
     return tuple(taken[id(t)] for t in tensors)
 
 

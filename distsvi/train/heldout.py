@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -26,16 +27,21 @@ from distsvi.infer.autoguide import AutoGuide
 from distsvi.poutine.runtime import Messenger
 
 REFIT_STEPS = 200
+Probe = tuple[tuple, dict[str, Any]]  # (args, kwargs) for the model on some training rows
 
 
-def local_sites(model: Callable, guide: Callable, train: tuple, plate: str = "data") -> tuple:
+def local_sites(model: Callable, guide: Callable, probe: Probe, plate: str = "data") -> tuple:
     """The model's latent sites inside ``plate`` when ``guide`` is an autoguide (whose
-    params for them are per training datapoint); empty for any other guide."""
+    params for them are per training datapoint); empty for any other guide.
+
+    :param probe: ``(args, kwargs)`` for the model on a few training rows (see
+        :meth:`distsvi.train.data.Split.head`).
+    """
     if not isinstance(guide, AutoGuide):
         return ()
-    size = train[0].shape[0]
+    args, kwargs = probe
     with torch.no_grad(), torch.random.fork_rng():
-        tr = poutine.trace(model).get_trace(*train, size=size, subsample_size=1)
+        tr = poutine.trace(model).get_trace(*args, **kwargs)
     return tuple(
         name
         for name, site in tr.nodes.items()
@@ -62,17 +68,19 @@ def refitted(
     model: Callable,
     guide: AutoGuide,
     local: tuple,
-    train: tuple,
+    probe: Probe,
     rows: tuple,
     lr: float,
 ) -> Iterator[tuple[Callable, Callable]]:
     """A model with the globals fixed at ``guide``'s median and a guide fitted to the local
-    latents of ``rows``, valid inside the block (their params live in a store of their own)."""
-    # Row 0 of the training rows: a row every rank stores, sharded local params or not (its
-    # locals' values are dropped; only the globals are kept).
-    first = torch.zeros(1, dtype=torch.long, device=train[0].device)
+    latents of ``rows``, valid inside the block (their params live in a store of their own).
+
+    :param probe: ``(args, kwargs)`` for the model on training rows this rank holds: the
+        median is read there (the locals' values are dropped; only the globals are kept).
+    """
+    args, kwargs = probe
     with torch.no_grad():
-        median = guide.median(*train, size=train[0].shape[0], subsample=first)
+        median = guide.median(*args, **kwargs)
     fixed = {k: v.detach() for k, v in median.items() if k not in local}
     model_rows = _drop_density(poutine.condition(model, data=fixed), frozenset(fixed))
     n = rows[0].shape[0]
@@ -85,12 +93,11 @@ def refitted(
 
 
 def heldout_loss(
-    model: Callable, guide: AutoGuide, local: tuple, train: tuple, rows: tuple, lr: float
+    model: Callable, guide: AutoGuide, local: tuple, probe: Probe, rows: tuple, lr: float
 ) -> float:
     """The negative ELBO of ``rows`` (all of them, unscaled) after refitting their locals."""
-    with refitted(model, guide, local, train, rows, lr) as (m, g):
-        with torch.no_grad():
-            return Trace_ELBO().loss(m, g, *rows, size=rows[0].shape[0])
+    with refitted(model, guide, local, probe, rows, lr) as (m, g), torch.no_grad():
+        return Trace_ELBO().loss(m, g, *rows, size=rows[0].shape[0])
 
 
 def shard_rows(rows: tuple, rank: int, world_size: int) -> tuple:

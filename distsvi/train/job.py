@@ -27,6 +27,7 @@ from distsvi.infer import (
     autoguide,
 )
 from distsvi.nn import PyroModule
+from distsvi.params import rows as _rows
 from distsvi.train.config import TrainConfig, check_batch, check_model_signature, compiles
 from distsvi.train.data import Split, load_data
 from distsvi.train.errors import ConfigError, RunFailed, first_line, import_target
@@ -81,11 +82,23 @@ class Job:
         """The next step's ``(args, kwargs)`` for the model: the training tensors with the
         "data" plate's ``subsample_size`` (the sharded plates draw this rank's rows), or
         the loader's next batch of rows with their indices."""
-        size = self.split.num_train
-        if self.loader is None:
-            return self.split.train, {"size": size, "subsample_size": self.cfg.run.batch_size}
-        idx, batch = self._next_batch()
-        return tuple(batch), {"size": size, "subsample": idx}
+        size, batch_size = self.split.num_train, self.cfg.run.batch_size
+        if self.loader is not None:
+            idx, batch = self._next_batch()
+            return tuple(batch), {"size": size, "subsample": idx}
+        if self.split.is_block:  # this rank holds its own block of rows only
+            idx = self.dp.shards.take("data", size, batch_size)
+            return self.split.rows(idx), {"size": size, "subsample": idx}
+        return self.split.train, {"size": size, "subsample_size": batch_size}
+
+    def probe(self, count: int = 1) -> tuple[tuple, dict[str, Any]]:
+        """``(args, kwargs)`` for the model on the first ``count`` training rows this rank
+        holds: a run of model or guide that neither draws rows nor advances the data."""
+        start = None
+        if self.dp.shards.own_rows and not self.split.is_block:  # rows of this rank's block
+            g = self.group
+            start = int(distributed.shard_indices(self.split.num_train, g.rank, g.world_size)[0])
+        return self.split.head(count, start)
 
     def _next_batch(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if self._batches is None:
@@ -250,6 +263,16 @@ def build_job(cfg: TrainConfig, group: distributed.ProcessGroup) -> Job:
     split = load_data(cfg.data, seed_devices=cuda_devices(group))
     check_same_data(cfg.data.name, split, group)
     check_batch(cfg, split.num_train + split.num_val, group.world_size)
+    if (
+        cfg.dist.local_params == "sharded"
+        and group.is_distributed
+        and cfg.data.loader != "dataloader"
+    ):
+        # Each rank trains on its own block of rows only (the rows whose local params it
+        # stores): the rest of the table is freed before anything is moved to the device.
+        rows = distributed.shard_indices(split.num_train, group.rank, group.world_size)
+        start = int(rows[0]) if len(rows) else 0
+        split.keep_block(start, start + len(rows))
     split.train = tuple(t.to(group.device) for t in split.train)
     split.val = tuple(t.to(group.device) for t in split.val)
     model_obj, model = build_model(cfg)
@@ -280,6 +303,9 @@ def build_job(cfg: TrainConfig, group: distributed.ProcessGroup) -> Job:
         walk_epochs=True,
     )
     monitor = svi.grad_hook = GradMonitor(cfg.optim.clip_norm, policy=dp)
+    # Batches of a rank's own block come as explicit indices (the loader's, or taken from
+    # the walk by Job.inputs): scaled by W * |block| / B.
+    dp.shards.own_batches = dp.shards.own_rows
     loader = None
     rows_per_step = cfg.run.batch_size * group.world_size
     steps_per_epoch = max(1, split.num_train // rows_per_step)
@@ -294,7 +320,6 @@ def build_job(cfg: TrainConfig, group: distributed.ProcessGroup) -> Job:
             generator=torch.Generator().manual_seed(cfg.run.seed),
             own_rows=cfg.dist.local_params == "sharded",
         )
-        dp.shards.own_batches = dp.shards.own_rows
         steps_per_epoch = len(loader)
     total = cfg.run.steps if cfg.run.steps > 0 else cfg.run.epochs * steps_per_epoch
     job = Job(
@@ -335,7 +360,7 @@ def validate(job: Job, seed: int) -> float:
         # Per-datapoint latents: each rank refits and scores its block of held-out rows.
         g = job.group
         rows = shard_rows(job.split.val, g.rank, g.world_size)
-        loss = heldout_loss(job.model, job.guide, local, job.split.train, rows, job.cfg.optim.lr)
+        loss = heldout_loss(job.model, job.guide, local, job.probe(), rows, job.cfg.optim.lr)
         return distributed.all_reduce_scalars([loss], g)[0]  # the blocks' sum
 
 
@@ -343,7 +368,7 @@ def local_latents(job: Job) -> tuple:
     """The model's per-datapoint latent sites whose guide params are per training row
     (see :mod:`distsvi.train.heldout`); empty when held-out rows can be scored directly."""
     if job.local is None:
-        job.local = local_sites(job.model, job.guide, job.split.train)
+        job.local = local_sites(job.model, job.guide, job.probe())
     return job.local
 
 
@@ -363,7 +388,7 @@ def posterior_predictive(job: Job, num_samples: int, seed: int) -> dict[str, tor
         model, guide = job.model, job.guide
         if local:  # fit the held-out rows' local latents first (distsvi.train.heldout)
             model, guide = stack.enter_context(
-                refitted(model, guide, local, job.split.train, job.split.val, job.cfg.optim.lr)
+                refitted(model, guide, local, job.probe(), job.split.val, job.cfg.optim.lr)
             )
         stack.enter_context(torch.no_grad())
         guide_trace = poutine.trace(guide).get_trace(*inputs, None, **kwargs)
@@ -435,14 +460,15 @@ def first_non_finite(job: Job) -> str:
             continue
         if not inside:
             return f"param {name!r} left its support ({constraint}), e.g. a scale that reached 0"
-    size, batch = job.split.num_train, job.cfg.run.batch_size
+    args, kwargs = job.probe(job.cfg.run.batch_size)
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=cuda_devices(job.group)):
-            guide = poutine.trace(job.guide).get_trace(
-                *job.split.train, size=size, subsample_size=batch
-            )
+        # Under the shard handler, recording rows as a step does: sharded local params
+        # are read as this rank's rows.
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda_devices(job.group)), \
+                job.dp.shards, _rows.record_rows():
+            guide = poutine.trace(job.guide).get_trace(*args, **kwargs)
             model = poutine.trace(poutine.replay(job.model, trace=guide)).get_trace(
-                *job.split.train, size=size, subsample_size=batch
+                *args, **kwargs
             )
     except ValueError as e:
         return f"a distribution refused its parameters ({first_line(e)})"

@@ -10,6 +10,7 @@ import torch
 import distsvi
 from distsvi.params import rows
 from distsvi.train import checkpoint, evaluate, load_config, train
+from distsvi.train.data import load_data
 from distsvi.train.job import build_job
 
 # 1800 training rows (900 per rank), a latent in R^3 per row, 56 steps to an epoch per rank.
@@ -65,3 +66,26 @@ def restore_rank(group, args: list[str]) -> dict[str, Any]:
 
 def eval_rank(group, args: list[str], path: str) -> float | None:
     return evaluate(load_config("local_normal", args), path)
+
+
+def block_rank(group, args: list[str], steps: int) -> dict[str, Any]:
+    """The job's training rows on this rank, and its first steps; then the same steps
+    with the whole table in memory and the plate drawing the same rows from it."""
+    cfg = load_config("local_normal", args)
+    out: dict[str, Any] = {}
+    for kind in ("block", "whole"):
+        job = build_job(cfg, group)
+        if kind == "whole":  # the table as loaded, the "data" plate indexing it
+            job.split = load_data(cfg.data)
+        out[kind] = {
+            "rows": job.split.train[0].shape[0],
+            "offset": job.split.offset,
+            "num_train": job.split.num_train,
+        }
+        # params and the guide's prototype made first, from one seed (as on resume)
+        distsvi.set_rng_seed(5)
+        checkpoint._materialize_params(job)
+        distsvi.set_rng_seed(11 + group.rank)
+        out[kind]["losses"] = [job.step() for _ in range(steps)]
+        out[kind]["params"] = store_rows()
+    return out

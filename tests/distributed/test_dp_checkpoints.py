@@ -112,3 +112,21 @@ def test_validation_of_a_sharded_checkpoint_is_the_same_on_one_and_two_ranks(run
     # The refit and its one-sample ELBO draw their own noise on each rank (about 2% here):
     # equal up to Monte Carlo error, and the two ranks' blocks are summed once.
     assert one == pytest.approx(two, rel=0.06)
+
+
+def test_each_rank_holds_only_its_block_of_training_rows():
+    """Sharded local params on 2 ranks: a rank keeps its own block of the training table
+    only, and trains exactly as it did with the whole table in memory (the same rows,
+    taken from the walk and passed with their indices, instead of drawn by the plate)."""
+    args = [*w.BASE, "run.steps=30"]
+    r0, r1 = ok(run_ranks(w.block_rank, args, 30, timeout=240))
+    n = r0["whole"]["rows"]
+    assert n == 1800
+    for rank, r in enumerate((r0, r1)):
+        lo, hi = rank * n // 2, (rank + 1) * n // 2
+        assert (r["block"]["rows"], r["block"]["offset"], r["block"]["num_train"]) == (hi - lo, lo, n)
+        assert r["block"]["losses"] == pytest.approx(r["whole"]["losses"], rel=1e-6)
+        for name, entry in r["whole"]["params"].items():
+            got = r["block"]["params"][name]
+            assert got["rows"] == entry["rows"], name
+            torch.testing.assert_close(got["value"], entry["value"], rtol=1e-6, atol=1e-6)

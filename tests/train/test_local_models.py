@@ -12,7 +12,7 @@ import distsvi
 from distsvi import cli
 from distsvi.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from distsvi.infer.autoguide import AutoNormal
-from distsvi.train.data import synthetic_counts, synthetic_local
+from distsvi.train.data import Split, synthetic_counts, synthetic_local
 from distsvi.train.heldout import heldout_loss, local_sites
 from distsvi.train.models import LocalNormal, PoissonFactorization
 
@@ -46,8 +46,9 @@ def test_local_normal_recovers_every_rows_exact_posterior():
 def test_local_sites_are_the_per_datapoint_latents_of_an_autoguide():
     counts, obs = synthetic_counts(num_points=50, num_genes=6, num_factors=2)
     m = PoissonFactorization(num_genes=6, num_factors=2)
-    assert local_sites(m.model, AutoNormal(m.model), (counts, obs)) == ("theta",)
-    assert local_sites(m.model, lambda *a, **k: None, (counts, obs)) == ()
+    probe = Split((counts, obs), (counts[:0], obs[:0]), torch.zeros(0)).head(1)
+    assert local_sites(m.model, AutoNormal(m.model), probe) == ("theta",)
+    assert local_sites(m.model, lambda *a, **k: None, probe) == ()
 
 
 def test_heldout_refit_leaves_the_trained_params_alone():
@@ -63,8 +64,9 @@ def test_heldout_refit_leaves_the_trained_params_alone():
     store = distsvi.get_param_store()
     before = {k: v.detach().clone() for k, v in store.items()}
     adam_state = {k: v["exp_avg"].clone() for k, v in svi.optim.optimizer.state.items()}
-    first = heldout_loss(m.model, guide, ("theta",), train_rows, val_rows, 0.05)
-    again = heldout_loss(m.model, guide, ("theta",), train_rows, val_rows, 0.05)
+    probe = Split(train_rows, val_rows, torch.arange(100, 120)).head(1)
+    first = heldout_loss(m.model, guide, ("theta",), probe, val_rows, 0.05)
+    again = heldout_loss(m.model, guide, ("theta",), probe, val_rows, 0.05)
     assert dict(store.items()).keys() == before.keys()
     for k, v in store.items():
         assert torch.equal(v.detach(), before[k]), k
