@@ -47,7 +47,7 @@ from distsvi.optim.optim import without_hyperparameters
 from distsvi.params import rows as _rows
 from distsvi.train.config import TrainConfig, diff_configs, from_yaml, to_yaml
 from distsvi.train.errors import ConfigError, RunFailed, first_line
-from distsvi.train.job import Job, cuda_devices
+from distsvi.train.job import Job
 
 FORMAT = 1
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
@@ -298,11 +298,7 @@ def job_state(job: Job, step: int) -> dict[str, Any]:
 
 def _materialize_params(job: Job) -> None:
     """Run model and guide once so that every param (and module) exists, off the RNG stream."""
-    # Under the shard handler, so that sharded local params are made as this rank's rows.
-    # Recording rows, as a training step does, makes local params known as such.
-    args, kwargs = job.probe(job.cfg.run.batch_size)
-    with torch.random.fork_rng(devices=cuda_devices(job.group)), torch.no_grad(), \
-            job.dp.shards, _rows.record_rows():
+    with job.probing() as (args, kwargs):
         job.svi.loss(job.model, job.guide, *args, **kwargs)
 
 

@@ -96,9 +96,22 @@ class Job:
         holds: a run of model or guide that neither draws rows nor advances the data."""
         start = None
         if self.dp.shards.own_rows and not self.split.is_block:  # rows of this rank's block
-            g = self.group
-            start = int(distributed.shard_indices(self.split.num_train, g.rank, g.world_size)[0])
+            start = _own_block(self.split.num_train, self.group)[0]
         return self.split.head(count, start)
+
+    @contextlib.contextmanager
+    def probing(self) -> Iterator[tuple[tuple, dict[str, Any]]]:
+        """A block for a run of model and guide on a batch of rows this rank holds (yields
+        its ``(args, kwargs)``): without gradients, off the random stream, and under the
+        shard handler recording rows as a step does, so that sharded local params are
+        made and read as this rank's rows and known as local params."""
+        with (
+            torch.random.fork_rng(devices=cuda_devices(self.group)),
+            torch.no_grad(),
+            self.dp.shards,
+            _rows.record_rows(),
+        ):
+            yield self.probe(self.cfg.run.batch_size)
 
     def _next_batch(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if self._batches is None:
@@ -270,9 +283,7 @@ def build_job(cfg: TrainConfig, group: distributed.ProcessGroup) -> Job:
     ):
         # Each rank trains on its own block of rows only (the rows whose local params it
         # stores): the rest of the table is freed before anything is moved to the device.
-        rows = distributed.shard_indices(split.num_train, group.rank, group.world_size)
-        start = int(rows[0]) if len(rows) else 0
-        split.keep_block(start, start + len(rows))
+        split.keep_block(*_own_block(split.num_train, group))
     split.train = tuple(t.to(group.device) for t in split.train)
     split.val = tuple(t.to(group.device) for t in split.val)
     model_obj, model = build_model(cfg)
@@ -340,6 +351,13 @@ def build_job(cfg: TrainConfig, group: distributed.ProcessGroup) -> Job:
     )
     job.compile = compiles(cfg.run, total)
     return job
+
+
+def _own_block(n: int, group: distributed.ProcessGroup) -> tuple[int, int]:
+    """``(start, stop)`` of this rank's contiguous block of ``n`` rows."""
+    rows = distributed.shard_indices(n, group.rank, group.world_size)
+    start = int(rows[0]) if len(rows) else 0
+    return start, start + len(rows)
 
 
 def validate(job: Job, seed: int) -> float:
@@ -460,12 +478,8 @@ def first_non_finite(job: Job) -> str:
             continue
         if not inside:
             return f"param {name!r} left its support ({constraint}), e.g. a scale that reached 0"
-    args, kwargs = job.probe(job.cfg.run.batch_size)
     try:
-        # Under the shard handler, recording rows as a step does: sharded local params
-        # are read as this rank's rows.
-        with torch.no_grad(), torch.random.fork_rng(devices=cuda_devices(job.group)), \
-                job.dp.shards, _rows.record_rows():
+        with job.probing() as (args, kwargs):
             guide = poutine.trace(job.guide).get_trace(*args, **kwargs)
             model = poutine.trace(poutine.replay(job.model, trace=guide)).get_trace(
                 *args, **kwargs
