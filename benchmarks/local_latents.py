@@ -38,9 +38,21 @@ DIM, BATCH, LR = 10, 256, 0.01
 CLOCK = time.thread_time
 
 
-def make_data(n: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(n, DIM, generator=g) + 1.0
+CHUNK = 1 << 16
+
+
+def make_data(n: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Rows ``start:stop`` of the N x DIM data, without building the others: chunk ``c`` of
+    ``CHUNK`` rows comes from a generator seeded with ``c``, so a rank's block is the same
+    rows whatever the world size."""
+    stop = n if stop is None else stop
+    parts = []
+    for c in range(start // CHUNK, (stop + CHUNK - 1) // CHUNK):
+        g = torch.Generator().manual_seed(c)
+        lo, hi = c * CHUNK, min((c + 1) * CHUNK, n)
+        chunk = torch.randn(hi - lo, DIM, generator=g) + 1.0
+        parts.append(chunk[max(start, lo) - lo : min(stop, hi) - lo])
+    return torch.cat(parts) if parts else torch.empty(0, DIM)
 
 
 def build(impl: str, n: int):
@@ -51,11 +63,12 @@ def build(impl: str, n: int):
     optim = importlib.import_module(f"{name}.optim")
     autoguide = importlib.import_module(f"{name}.infer.autoguide")
 
-    def model(x, idx=None):
+    def model(x, idx=None, start=0):
+        # ``x`` holds rows ``start:start + len(x)`` (a rank's block when sharded)
         size = BATCH if idx is None else None  # None: the data-parallel shards draw
         with pyro.plate("data", n, subsample=idx, subsample_size=size) as rows:
             z = pyro.sample("z", dist.Normal(torch.zeros(DIM), 1.0).to_event(1))
-            pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x[rows])
+            pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x[rows - start])
 
     pyro.clear_param_store()
     guide = autoguide.AutoNormal(model)
@@ -121,16 +134,28 @@ def one_dp(impl: str, n: int, seconds: float, min_steps: int) -> dict | None:
     group = dd.init()
     dd.seed_rank(0, group)
     torch.set_num_threads(1)
-    data = make_data(n)
-    svi = build(impl, n)
     sharing = "sharded" if impl == "lazy" else "replicated"
+    svi = build(impl, n)
     dp = dd.DataParallelSVI(svi, group, local_params=sharing)
+    start, stop = 0, n
+    if sharing == "sharded":
+        # The rank trains only its own block of rows, so it holds only those rows of the
+        # data and takes its batches from the block's walk (as the job does).
+        own = dd.shard_indices(n, group.rank, group.world_size)
+        start, stop = int(own[0]), int(own[-1]) + 1
+        dp.shards.own_batches = True
+    data = make_data(n, start, stop)
+
+    def step() -> None:
+        idx = dp.shards.take("data", n, BATCH) if sharing == "sharded" else None
+        dp.step(data, idx, start=start)
+
     for _ in range(3):
-        dp.step(data)
+        step()
     times = []
     for _ in range(min_steps):  # the same count on every rank (each step is collective)
         t0 = time.perf_counter()
-        dp.step(data)
+        step()
         times.append(time.perf_counter() - t0)
     peak = dd.reduce.all_reduce_scalars(
         [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], group
@@ -153,7 +178,7 @@ def main() -> None:
     parser.add_argument("--impls", default="pyro,dense,lazy")
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--min-steps", type=int, default=5)
-    parser.add_argument("--ranks", type=int, default=1, help="1, or 2 (under torchrun)")
+    parser.add_argument("--ranks", default="1,2", help="1, 2 (under torchrun) or both")
     parser.add_argument("--one", nargs=2, metavar=("IMPL", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--one-dp", nargs=2, metavar=("IMPL", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -167,19 +192,26 @@ def main() -> None:
         impl, n = args.one
         print(json.dumps(one(impl, int(float(n)), args.seconds, args.min_steps)))
         return
+    for ranks in [int(r) for r in args.ranks.split(",")]:
+        table(args, ranks)
+
+
+def table(args: argparse.Namespace, ranks: int) -> None:
+    """Run every (implementation, N) at ``ranks`` ranks and print their table."""
+    print(f"\n{ranks} rank(s):", flush=True)
     impls = args.impls.split(",")
-    if "pyro" in impls and (importlib.util.find_spec("pyro") is None or args.ranks > 1):
+    if "pyro" in impls and (importlib.util.find_spec("pyro") is None or ranks > 1):
         impls.remove("pyro")
     sizes = [int(float(s)) for s in args.sizes.split(",")]
     results = {}
     for n in sizes:
         for impl in impls:
             launch = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-            launch += [f"--nproc-per-node={args.ranks}"]
+            launch += [f"--nproc-per-node={ranks}"]
             cmd = [
-                *(launch if args.ranks > 1 else [sys.executable]),
+                *(launch if ranks > 1 else [sys.executable]),
                 __file__,
-                "--one-dp" if args.ranks > 1 else "--one",
+                "--one-dp" if ranks > 1 else "--one",
                 impl,
                 str(n),
                 "--seconds",
@@ -199,8 +231,7 @@ def main() -> None:
                 file=sys.stderr,
                 flush=True,
             )
-    mb_label = "all-reduced" if args.ranks > 1 else "grad"
-    print()
+    mb_label = "all-reduced" if ranks > 1 else "grad"
     print(
         "| N | "
         + " | ".join(f"{i} ms/step" for i in impls)

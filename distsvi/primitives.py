@@ -245,6 +245,24 @@ def module(
 
 
 _ALLOCATED_DIMS: list[int] = []
+_ARANGE: dict[tuple[int, Any], tuple[torch.Tensor, int]] = {}
+_ARANGE_MAX = 1 << 16
+
+
+def _all_indices(size: int, device: Any) -> torch.Tensor:
+    """``arange(size)``: a plate that is not subsampled announces all of its indices at
+    every entry, and a model opens such plates every step. Small ones are kept and reused
+    while nobody has written to them (their version counter is unchanged); none is kept
+    inside inference mode (such a tensor cannot be an index saved for backward) or while
+    compiling (the graph makes its own)."""
+    if size > _ARANGE_MAX or torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
+        return torch.arange(size, device=device)
+    key = (size, device)
+    hit = _ARANGE.get(key)
+    if hit is None or hit[1] != hit[0]._version:
+        t = torch.arange(size, device=device)
+        hit = _ARANGE[key] = (t, t._version)
+    return hit[0]
 
 
 def _allocate_dim(name: str, dim: int | None) -> int:
@@ -383,7 +401,7 @@ class plate(_PlateFrame):
 
     def _randperm(self, size: int, subsample_size: int) -> torch.Tensor:
         if subsample_size >= size:
-            return torch.arange(size, device=self.device)  # no draw: the RNG is untouched
+            return _all_indices(size, self.device)  # no draw: the RNG is untouched
         return torch.randperm(size, device=self.device)[:subsample_size]
 
     def __enter__(self) -> torch.Tensor | None:

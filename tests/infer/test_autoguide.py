@@ -231,3 +231,35 @@ def test_discrete_latents_are_refused_by_name(guide_cls):
 
     with pytest.raises(ValueError, match="'coin'"):
         guide_cls(discrete, init_loc_fn=init_to_sample)()
+
+
+@pytest.mark.parametrize(
+    "support",
+    [
+        torch.distributions.constraints.positive,
+        torch.distributions.constraints.greater_than_eq(0.0),
+        torch.distributions.constraints.greater_than(2.5),
+        torch.distributions.constraints.interval(-1.0, 3.0),
+    ],
+    ids=["positive", "greater_than_eq_0", "greater_than_2.5", "interval"],
+)
+def test_delta_of_a_half_line_site_equals_the_transform_machinery(support):
+    from distsvi.infer.autoguide.base import _DeltaPlan
+
+    transform = torch.distributions.biject_to(support)
+    u = torch.linspace(-3.0, 3.0, 7, dtype=torch.float64).requires_grad_()
+    got = _DeltaPlan(transform, 0, u).delta(u)
+    value = transform(u)
+    want_density = transform.inv.log_abs_det_jacobian(value, u)
+    assert torch.equal(got.v, value)
+    assert torch.equal(got.log_density, want_density)
+    (g,) = torch.autograd.grad((got.v + got.log_density).sum(), u)
+    (w,) = torch.autograd.grad((value + want_density).sum(), u)
+    assert torch.equal(g, w)
+
+
+def test_full_plate_indices_written_by_the_model_are_not_reused():
+    with pyro.plate("p", 5) as idx:
+        idx.add_(1)  # a model that shifts its indices in place
+    with pyro.plate("p", 5) as again:
+        assert again.tolist() == [0, 1, 2, 3, 4]

@@ -109,6 +109,22 @@ def _identity(transform: Any) -> bool:
     return isinstance(transform, T.ComposeTransform) and not transform.parts
 
 
+def _unit_shift_after_exp(transform: Any) -> float | None:
+    """``c`` when ``transform`` is ``exp`` (``c = 0``) or ``exp`` then ``x + c`` with a number
+    ``c`` (torch's ``biject_to`` of ``greater_than(c)``); ``None`` for any other map."""
+    T = torch.distributions.transforms
+    if type(transform) is T.ExpTransform:
+        return 0.0
+    if type(transform) is not T.ComposeTransform or len(transform.parts) != 2:
+        return None
+    exp, shift = transform.parts
+    if type(exp) is not T.ExpTransform or type(shift) is not T.AffineTransform:
+        return None
+    if not isinstance(shift.loc, (int, float)) or not isinstance(shift.scale, (int, float)):
+        return None
+    return float(shift.loc) if shift.scale == 1 else None
+
+
 class _DeltaPlan:
     """How one latent site's unconstrained draw becomes its value and ``Delta`` site,
     worked out once (after the prototype) so that each call does only the tensor work.
@@ -117,13 +133,16 @@ class _DeltaPlan:
     the ``Delta``'s log-density a constant zero (no transform, no Jacobian kernels).
     """
 
-    __slots__ = ("exp", "fn_event_dim", "transform", "zero")
+    __slots__ = ("exp", "fn_event_dim", "shift", "transform", "zero")
 
     def __init__(self, transform: Any, fn_event_dim: int, like: torch.Tensor) -> None:
         self.transform = None if _identity(transform) else transform
-        # The positive sites' map (HalfCauchy, Gamma, LogNormal, ...): exp, whose Jacobian
-        # back is log|d log(y)/dy| = -u exactly, written out to skip the transform machinery.
-        self.exp = type(self.transform) is torch.distributions.transforms.ExpTransform
+        # The positive sites' map (Gamma, LogNormal, ...): exp, whose Jacobian back is
+        # log|d log(y)/dy| = -u exactly, written out to skip the transform machinery. The
+        # half-line [c, inf) (HalfCauchy, HalfNormal: c = 0) is exp then a shift by c, with
+        # the same Jacobian: the unit-scale shift adds log 1 = 0.
+        self.shift = _unit_shift_after_exp(self.transform)
+        self.exp = self.shift is not None
         self.fn_event_dim = fn_event_dim
         self.zero = like.new_zeros(())
 
@@ -133,8 +152,9 @@ class _DeltaPlan:
         if t is None:
             return dist.Delta(u, self.zero, event_dim=self.fn_event_dim)
         if self.exp:
+            value = u.exp() if self.shift == 0 else u.exp() + self.shift
             return dist.Delta(
-                u.exp(), _sum_rightmost(-u, self.fn_event_dim), event_dim=self.fn_event_dim
+                value, _sum_rightmost(-u, self.fn_event_dim), event_dim=self.fn_event_dim
             )
         value = t(u)
         log_density = t.inv.log_abs_det_jacobian(value, u)
