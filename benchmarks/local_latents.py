@@ -14,10 +14,12 @@ of the N rows per epoch, as from a data loader. Columns: the mean CPU millisecon
 gradient the step hands to the optimizer (what a replicated data-parallel step all-reduces:
 the full N rows for dense, the batch's rows for lazy); the process's peak resident memory.
 With ``--ranks 2`` (run under ``torchrun``, one thread per rank) the implementations are
-distsvi dense + ``local_params="replicated"`` and lazy + ``"sharded"``: the plate draws
-each rank's batches, ``--min-steps`` steps are timed by the wall clock, the MB column is
-what ``DataParallelSVI.allreduce_bytes`` says a step all-reduces, and the memory column is
-the mean peak over ranks.
+distsvi dense + ``local_params="replicated"`` (the plate draws each rank's batches from
+all N rows, which every rank holds) and lazy + ``"sharded"`` (each rank holds only its
+own block of the data and takes its batches from the block, as the job does); steps are
+timed by the wall clock for about ``--seconds`` (at least ``--min-steps``), the MB column
+is what ``DataParallelSVI.allreduce_bytes`` says a step all-reduces, and the memory column
+is the mean peak over ranks. ``--ranks 1,2`` (the default) prints both tables in one run.
 Goal: lazy at N = 1e7 costs at most 1.3x lazy at N = 1e3.
 """
 
@@ -152,8 +154,13 @@ def one_dp(impl: str, n: int, seconds: float, min_steps: int) -> dict | None:
 
     for _ in range(3):
         step()
+    t0 = time.perf_counter()
+    step()
+    # The same count on every rank (each step is collective): enough for ``seconds``.
+    probe = dd.reduce.all_reduce_scalars([time.perf_counter() - t0], group)[0]
+    count = max(min_steps, min(2000, int(seconds * group.world_size / max(probe, 1e-6))))
     times = []
-    for _ in range(min_steps):  # the same count on every rank (each step is collective)
+    for _ in range(count):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
