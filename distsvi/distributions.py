@@ -148,6 +148,9 @@ class Delta(_td.Distribution, DistributionMixin):
 
     has_rsample = True
     arg_constraints: ClassVar[dict] = {"v": constraints.dependent, "log_density": constraints.real}
+    # Set (to a 0-dim zero) by code that knows ``log_density`` is identically zero (an
+    # autoguide's real-support site): scoring the point itself then needs no tensor work.
+    _zero_sum: torch.Tensor | None = None
 
     def __init__(
         self, v: torch.Tensor, log_density: Any = 0.0, event_dim: int = 0, validate_args=None
@@ -173,7 +176,9 @@ class Delta(_td.Distribution, DistributionMixin):
     def expand(self, batch_shape: tuple[int, ...] | torch.Size, _instance: Any = None) -> Any:
         batch_shape = torch.Size(batch_shape)
         v = self.v.expand(batch_shape + self.event_shape)
-        return Delta(v, self.log_density.expand(batch_shape), len(self.event_shape))
+        new = Delta(v, self.log_density.expand(batch_shape), len(self.event_shape))
+        new._zero_sum = self._zero_sum
+        return new
 
     def rsample(self, sample_shape: torch.Size = _NO_SHAPE) -> torch.Tensor:
         if not sample_shape:

@@ -291,7 +291,9 @@ class Trace_ELBO(ELBO):
         nonreparam = []
         for site in guide_trace.nodes.values():
             if site["type"] == "sample":
-                elbo = elbo - site["log_prob_sum"]
+                lps = site["log_prob_sum"]
+                if lps is not getattr(site["fn"], "_zero_sum", None):  # not a known zero
+                    elbo = elbo - lps
                 if not _is_zero(site["score_parts"].score_function):
                     nonreparam.append(site)
         # For reparameterised sites the surrogate is the ELBO itself (one graph, not two);

@@ -50,6 +50,13 @@ def _site_log_prob(site: dict, what: str = "log_prob") -> torch.Tensor:
 
 def _fill_log_prob(site: dict, what: str = "log_prob") -> torch.Tensor:
     """Set ``unscaled_log_prob``, ``log_prob`` (scaled and masked) and ``log_prob_sum``."""
+    fn = site["fn"]
+    zero = getattr(fn, "_zero_sum", None)
+    if zero is not None and site["value"] is fn.v and site["mask"] is None:
+        # a Delta at its own point with no log-density: zero, whatever the scale
+        site["unscaled_log_prob"] = site["log_prob"] = fn.log_density
+        site["log_prob_sum"] = zero
+        return fn.log_density
     unscaled = _site_log_prob(site, what)
     lp = scale_and_mask(unscaled, site["scale"], site["mask"])
     site["unscaled_log_prob"] = unscaled

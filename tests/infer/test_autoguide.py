@@ -263,3 +263,30 @@ def test_full_plate_indices_written_by_the_model_are_not_reused():
         idx.add_(1)  # a model that shifts its indices in place
     with pyro.plate("p", 5) as again:
         assert again.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_real_support_sites_score_zero_under_a_subsample_scale():
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", 10, subsample_size=4) as idx:
+            z = pyro.sample("z", dist.Normal(mu, 1.0))
+            pyro.sample("y", dist.Normal(z, 1.0), obs=y[idx])
+
+    pyro.clear_param_store()
+    guide = AutoNormal(model)
+    tr = poutine.trace(guide).get_trace(torch.zeros(10))
+    tr.compute_log_prob()
+    for name in ("mu", "z"):
+        site = tr.nodes[name]
+        assert site["scale"] == (1.0 if name == "mu" else 2.5)
+        assert torch.equal(site["log_prob"], torch.zeros(site["fn"].batch_shape))
+        assert float(site["log_prob_sum"]) == 0.0
+    # the ELBO leaves those terms out: it equals the traces' full log-densities
+    torch.manual_seed(0)
+    got = Trace_ELBO().loss(model, guide, torch.zeros(10))
+    torch.manual_seed(0)
+    tr2 = poutine.trace(guide).get_trace(torch.zeros(10))
+    m2 = poutine.trace(poutine.replay(model, trace=tr2)).get_trace(torch.zeros(10))
+    want = -(m2.log_prob_sum() - tr2.log_prob_sum())
+    assert got == pytest.approx(float(want), rel=1e-6)
+    pyro.clear_param_store()

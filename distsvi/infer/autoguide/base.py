@@ -150,7 +150,9 @@ class _DeltaPlan:
         """A ``Delta`` at ``transform(u)`` whose log-density is the Jacobian of the map back."""
         t = self.transform
         if t is None:
-            return dist.Delta(u, self.zero, event_dim=self.fn_event_dim)
+            d = dist.Delta(u, self.zero, event_dim=self.fn_event_dim)
+            d._zero_sum = self.zero
+            return d
         if self.exp:
             value = u.exp() if self.shift == 0 else u.exp() + self.shift
             return dist.Delta(
