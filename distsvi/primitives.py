@@ -255,7 +255,7 @@ def _all_indices(size: int, device: Any) -> torch.Tensor:
     while nobody has written to them (their version counter is unchanged); none is kept
     inside inference mode (such a tensor cannot be an index saved for backward) or while
     compiling (the graph makes its own)."""
-    if size > _ARANGE_MAX or torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or size > _ARANGE_MAX or torch.is_inference_mode_enabled():
         return torch.arange(size, device=device)
     key = (size, device)
     hit = _ARANGE.get(key)

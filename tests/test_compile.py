@@ -78,3 +78,27 @@ def test_a_param_born_in_a_compiled_step_steps_at_once_as_in_eager():
 def test_compile_needs_an_elbo():
     with pytest.raises(ValueError, match="compile=True"):
         SVI(model, guide, Adam({"lr": 0.1}), lambda m, g, *a: torch.tensor(0.0), compile=True)
+
+
+@pytest.mark.timeout(600)
+def test_an_autoguide_elbo_with_full_plates_compiles_to_one_graph():
+    from distsvi.infer.autoguide import AutoNormal
+
+    def hier(group, y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        tau = pyro.sample("tau", dist.HalfCauchy(2.0))
+        with pyro.plate("groups", 4):  # full-size plates: their index tensors are reused
+            theta = pyro.sample("theta", dist.Normal(mu, tau))
+        with pyro.plate("data", len(y)):
+            pyro.sample("obs", dist.Normal(theta[group], 1.0), obs=y)
+
+    pyro.clear_param_store()
+    group = torch.arange(4).repeat_interleave(3)
+    y = torch.randn(12)
+    guide, elbo = AutoNormal(hier), Trace_ELBO()
+    SVI(hier, guide, Adam({"lr": 0.01}), elbo).step(group, y)
+    torch._dynamo.reset()
+    with pyro.validation_enabled(False):
+        ex = torch._dynamo.explain(lambda *a: elbo.differentiable_loss(hier, guide, *a))(group, y)
+    assert (ex.graph_count, ex.graph_break_count) == (1, 0), [b.reason for b in ex.break_reasons]
+    pyro.clear_param_store()
