@@ -191,3 +191,66 @@ def test_a_failing_step_leaves_no_state_behind():
     with pyro.plate("fresh", 3) as idx:  # dim -1 is free again
         x = pyro.sample("x", dist.Normal(0.0, 1.0))
     assert x.shape == (3,) and len(idx) == 3
+
+
+# Validation after the first step: arguments unchecked, values checked, errors on time ----
+def _scale_model(y):
+    pyro.sample("y", dist.Normal(0.0, 1.0), obs=y)
+
+
+def _scale_guide(y):
+    loc = pyro.param("v_loc", torch.tensor(0.0))
+    scale = pyro.param("v_scale", torch.tensor(1.0))  # unconstrained: may go invalid
+    pyro.sample("x", dist.Normal(loc, scale), infer={"is_auxiliary": True})
+
+
+def test_an_invalid_param_raises_before_the_step_that_would_use_it_moves_anything():
+    pyro.clear_param_store()
+    svi = SVI(_scale_model, _scale_guide, Adam({"lr": 0.01}), Trace_ELBO())
+    for _ in range(3):
+        svi.step(torch.tensor(0.5))
+    store = pyro.get_param_store()
+    with torch.no_grad():
+        store._params["v_scale"].fill_(-1.0)  # in place: the store's version does not move
+    loc = store["v_loc"].detach().clone()
+    with pytest.raises(ValueError, match="scale"):
+        svi.step(torch.tensor(0.5))
+    assert float(store["v_scale"].detach()) == -1.0
+    assert torch.equal(store["v_loc"].detach(), loc)
+    pyro.clear_param_store()
+
+
+def test_observed_values_are_checked_at_every_step():
+    def model(y):
+        p = pyro.sample("p", dist.Beta(2.0, 2.0))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Bernoulli(p), obs=y)
+
+    def guide(y):
+        a = pyro.param("a", torch.tensor(2.0), constraint=torch.distributions.constraints.positive)
+        pyro.sample("p", dist.Beta(a, 2.0))
+
+    pyro.clear_param_store()
+    svi = SVI(model, guide, Adam({"lr": 0.01}), Trace_ELBO())
+    for _ in range(5):
+        svi.step(torch.tensor([0.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="site 'y'"):
+        svi.step(torch.tensor([0.0, 2.0, 1.0]))  # a label outside {0, 1}
+    pyro.clear_param_store()
+
+
+def test_a_distribution_built_without_validation_stays_unchecked():
+    def model(y):  # a continuous "Bernoulli" likelihood, as in Pyro's VAE example
+        p = pyro.sample("p", dist.Beta(2.0, 2.0))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Bernoulli(p, validate_args=False), obs=y)
+
+    def guide(y):
+        a = pyro.param("a", torch.tensor(2.0), constraint=torch.distributions.constraints.positive)
+        pyro.sample("p", dist.Beta(a, 2.0))
+
+    pyro.clear_param_store()
+    svi = SVI(model, guide, Adam({"lr": 0.01}), Trace_ELBO())
+    losses = [svi.step(torch.tensor([0.2, 0.7, 0.9])) for _ in range(5)]
+    assert all(math.isfinite(v) for v in losses)
+    pyro.clear_param_store()

@@ -19,6 +19,11 @@ from ..poutine import handlers as poutine
 from ..poutine.trace_struct import Trace, check_site_shape, plate_nesting, scale_and_mask
 
 
+# Set by SVI on the steps that may skip torch's argument checks of the model's and guide's
+# distributions (see SVI's "Validation" note); an ELBO called by anything else checks all.
+ARG_CHECKS = {"skip": False}
+
+
 def _is_zero(x: Any) -> bool:
     return isinstance(x, (int, float)) and x == 0
 
@@ -75,7 +80,18 @@ class ELBO:
         return model_trace, guide_trace
 
     def _get_trace(self, model, guide, args, kwargs) -> tuple[Trace, Trace]:
-        model_trace, guide_trace = self._raw_traces(model, guide, args, kwargs)
+        dist_cls = torch.distributions.Distribution
+        if ARG_CHECKS["skip"] and dist_cls._validate_args:
+            # The distributions are built without checking their arguments; their values
+            # are still checked against their supports when scored below (a distribution
+            # built with the default reads it when used, so it validates again then).
+            dist_cls._validate_args = False
+            try:
+                model_trace, guide_trace = self._raw_traces(model, guide, args, kwargs)
+            finally:
+                dist_cls._validate_args = True
+        else:
+            model_trace, guide_trace = self._raw_traces(model, guide, args, kwargs)
         model_trace.compute_log_prob()
         guide_trace.compute_score_parts()
         if primitives.is_validation_enabled():

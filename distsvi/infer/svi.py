@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 
+from .. import primitives
 from ..params import _PARAM_STORE
 from ..params import rows as _rows
 from ..poutine import handlers as poutine
+from . import elbo as _elbo
 
 GradHook = Callable[[torch.Tensor, dict], "torch.Tensor | None"]
 
@@ -79,6 +82,14 @@ class SVI:
     5. the optimizer steps the global params and the local rows;
     6. gradients are set to ``None`` and the loss is read once, as a float.
 
+    Validation: the first step checks everything. Later steps build the distributions
+    without checking their arguments (their values are still checked against their
+    supports when scored), as long as the param store holds the same params and the last
+    loss was finite. A non-finite loss on such a step is redone with every check, so an
+    invalid argument raises before any param moves; with a ``grad_hook`` or
+    ``reduce_grads`` (which decide on non-finite steps themselves) the next step is the
+    checked one.
+
     Example::
 
         svi = SVI(model, guide, Adam({"lr": 0.01}), Trace_ELBO())
@@ -140,23 +151,54 @@ class SVI:
         self._compile_options = ({} if compile is True else dict(compile)) if compile else None
         self._elbo = loss
         self._compiled: _Compiled | None = None
+        # The store's version after the last step that ran with every check and ended
+        # finite: while it holds, steps skip the distributions' argument checks.
+        self._checked_version: int | None = None
 
     def step(self, *args: Any, **kwargs: Any) -> float:
         """Take one optimizer step on the loss; return the loss estimate (a float)."""
         compiled = self._compiled
         if compiled is not None and _PARAM_STORE.version == compiled.store_version:
             return self._step_compiled(args, kwargs)
-        with _rows.record_rows() as record, poutine.trace(param_only=True) as param_capture:
-            loss = self.loss_and_grads(self.model, self.guide, *args, **kwargs)
-        if not isinstance(loss, torch.Tensor):  # a custom loss_and_grads returning a float
-            loss = torch.tensor(loss)
-        params = {
-            name: _leaf(name, site["value"]) for name, site in param_capture.trace.nodes.items()
-        }
+        skip = (
+            self._checked_version == _PARAM_STORE.version
+            and torch.distributions.Distribution._validate_args
+            and primitives.is_validation_enabled()
+        )
+        loss, params, record = self._backward(args, kwargs, skip)
+        if skip and self.reduce_grads is None and self.grad_hook is None:
+            # A bare step (a hook or the cross-rank average decides on non-finite steps
+            # itself: the job skips them) reads its loss here instead of after the update.
+            if not math.isfinite(float(loss)):
+                # Redo the step with every check: an invalid argument then raises torch's
+                # error here, before any param moves, as it would have with the checks on.
+                for p in params.values():
+                    p.grad = None
+                loss, params, record = self._backward(args, kwargs, False)
+                skip = False
         value = self._apply(loss, params, rows=_rows.row_grads(record) if record else None)
+        # A full check again after a non-finite loss (e.g. a NaN param, caught at the next
+        # step's construction) or once the store holds other params.
+        if not math.isfinite(value):
+            self._checked_version = None
+        elif not skip:
+            self._checked_version = _PARAM_STORE.version
         if self._compile_options is not None:
             self._prepare_compiled(params)  # after the step: the optimizer exists now
         return value
+
+    def _backward(self, args: tuple, kwargs: dict, skip_arg_checks: bool) -> tuple:
+        """Stage 1: the loss and its gradients; the step's params and local-row records."""
+        old, _elbo.ARG_CHECKS["skip"] = _elbo.ARG_CHECKS["skip"], skip_arg_checks
+        try:
+            with _rows.record_rows() as record, poutine.trace(param_only=True) as capture:
+                loss = self.loss_and_grads(self.model, self.guide, *args, **kwargs)
+        finally:
+            _elbo.ARG_CHECKS["skip"] = old
+        if not isinstance(loss, torch.Tensor):  # a custom loss_and_grads returning a float
+            loss = torch.tensor(loss)
+        params = {name: _leaf(name, site["value"]) for name, site in capture.trace.nodes.items()}
+        return loss, params, record
 
     def _apply(
         self,

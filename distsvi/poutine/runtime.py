@@ -166,6 +166,9 @@ def _broadcast(msg: Message) -> None:
         expanded = fn.expand(torch.Size(target))
         if expanded.has_rsample != fn.has_rsample:  # torch's expand drops has_rsample_()
             expanded.has_rsample_(fn.has_rsample)
+        if "_validate_args" not in fn.__dict__:
+            # torch's expand copies the default of the moment; keep following the default
+            expanded.__dict__.pop("_validate_args", None)
         msg["fn"] = expanded
 
 
