@@ -260,6 +260,8 @@ def _all_indices(size: int, device: Any) -> torch.Tensor:
     key = (size, device)
     hit = _ARANGE.get(key)
     if hit is None or hit[1] != hit[0]._version:
+        if len(_ARANGE) >= 64:  # plates whose size varies from call to call: stay bounded
+            _ARANGE.clear()
         t = torch.arange(size, device=device)
         hit = _ARANGE[key] = (t, t._version)
     return hit[0]

@@ -133,7 +133,7 @@ class _DeltaPlan:
     the ``Delta``'s log-density a constant zero (no transform, no Jacobian kernels).
     """
 
-    __slots__ = ("exp", "fn_event_dim", "shift", "transform", "zero")
+    __slots__ = ("fn_event_dim", "shift", "transform", "zero")
 
     def __init__(self, transform: Any, fn_event_dim: int, like: torch.Tensor) -> None:
         self.transform = None if _identity(transform) else transform
@@ -142,7 +142,6 @@ class _DeltaPlan:
         # half-line [c, inf) (HalfCauchy, HalfNormal: c = 0) is exp then a shift by c, with
         # the same Jacobian: the unit-scale shift adds log 1 = 0.
         self.shift = _unit_shift_after_exp(self.transform)
-        self.exp = self.shift is not None
         self.fn_event_dim = fn_event_dim
         self.zero = like.new_zeros(())
 
@@ -153,7 +152,7 @@ class _DeltaPlan:
             d = dist.Delta(u, self.zero, event_dim=self.fn_event_dim)
             d._zero_sum = self.zero
             return d
-        if self.exp:
+        if self.shift is not None:
             value = u.exp() if self.shift == 0 else u.exp() + self.shift
             return dist.Delta(
                 value, _sum_rightmost(-u, self.fn_event_dim), event_dim=self.fn_event_dim
