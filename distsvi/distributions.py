@@ -139,12 +139,14 @@ class Normal(_td.Normal, DistributionMixin):
         return value
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
         draw = self._own_draw
         if draw is not None and value is draw[0] and value._version == draw[2]:
+            # Its own unchanged draw needs no support check: a non-finite one comes from
+            # non-finite params, which the construction checks (or the checked redo) catch.
             const = draw[1].square().mul_(-0.5).sub_(_LOG_SQRT_2PI)
             return const - self.scale.log()
+        if self._validate_args:
+            self._validate_sample(value)
         loc, scale = self._numbers
         if scale is None or not _covers(value, self._batch_shape):
             return _normal_lp(self, value)

@@ -11,7 +11,7 @@ import torch
 from .. import primitives
 from ..params import _PARAM_STORE
 from ..params import rows as _rows
-from ..poutine import handlers as poutine
+from ..poutine.runtime import Messenger
 from . import elbo as _elbo
 
 GradHook = Callable[[torch.Tensor, dict], "torch.Tensor | None"]
@@ -25,6 +25,19 @@ def _leaf(name: str, value: torch.Tensor) -> torch.Tensor:
         ref = getattr(value, "unconstrained", None)
         p = value if ref is None else ref()
     return p
+
+
+class _ParamReads(Messenger):
+    """The outermost handler of a step: ``{name: value}`` of every param it reads (the
+    params-only trace Pyro's step takes, without building a trace of copied messages)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: dict[str, Any] = {}
+
+    def postprocess_message(self, msg: dict) -> None:
+        if msg["type"] == "param":
+            self.values[msg["name"]] = msg["value"]
 
 
 class _Compiled(NamedTuple):
@@ -191,13 +204,13 @@ class SVI:
         """Stage 1: the loss and its gradients; the step's params and local-row records."""
         old, _elbo.ARG_CHECKS["skip"] = _elbo.ARG_CHECKS["skip"], skip_arg_checks
         try:
-            with _rows.record_rows() as record, poutine.trace(param_only=True) as capture:
+            with _rows.record_rows() as record, _ParamReads() as reads:
                 loss = self.loss_and_grads(self.model, self.guide, *args, **kwargs)
         finally:
             _elbo.ARG_CHECKS["skip"] = old
         if not isinstance(loss, torch.Tensor):  # a custom loss_and_grads returning a float
             loss = torch.tensor(loss)
-        params = {name: _leaf(name, site["value"]) for name, site in capture.trace.nodes.items()}
+        params = {name: _leaf(name, value) for name, value in reads.values.items()}
         return loss, params, record
 
     def _apply(

@@ -127,15 +127,19 @@ def shard_init(name: str, init: torch.Tensor, request: RowRequest | None) -> tor
     return init.narrow(dim, block[1], block[2] - block[1]).clone()
 
 
-@contextlib.contextmanager
-def record_rows() -> Iterator[dict]:
-    """Within the block, row-sparse reads make row leaves; yields ``{key: RowLeaf}``."""
-    record: dict = {}
-    _RECORDS.append(record)
-    try:
-        yield record
-    finally:
-        _RECORDS.remove(record)
+class record_rows:
+    """Within the block, row-sparse reads make row leaves; ``as`` gives ``{key: RowLeaf}``.
+
+    A class rather than a generator context manager: it is entered on every step.
+    """
+
+    def __enter__(self) -> dict:
+        self.record: dict = {}
+        _RECORDS.append(self.record)
+        return self.record
+
+    def __exit__(self, *exc_info: Any) -> None:
+        _RECORDS.remove(self.record)
 
 
 def is_recording() -> bool:
