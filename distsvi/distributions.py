@@ -160,48 +160,43 @@ def _normal_lp(d: _td.Normal, value: torch.Tensor) -> torch.Tensor:
     return -((value - d.loc) ** 2) / (2 * var) - d.scale.log() - _LOG_SQRT_2PI
 
 
-class HalfNormal(_td.HalfNormal, DistributionMixin):
+class _HalfLine:
+    """A one-``scale`` distribution on ``[0, inf)`` (placed before torch's class): with a
+    Python-number ``scale`` it scores in closed form, ``_closed_form(value, scale)`` where
+    ``value >= 0`` and ``-inf`` below."""
+
+    _scale_number: float | None = None
+
+    def __init__(self, scale: Any, validate_args: bool | None = None) -> None:
+        super().__init__(scale, validate_args=validate_args)
+        self._scale_number = _number(scale)
+
+    def expand(self, batch_shape: Any, _instance: Any = None) -> Any:
+        return _expand_keeping(self, _HalfLine, batch_shape, _instance, "_scale_number")
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        s = self._scale_number
+        if s is None or not _covers(value, self._batch_shape):
+            return super().log_prob(value)
+        if self._validate_args:
+            self._validate_sample(value)
+        return torch.where(value >= 0, self._closed_form(value, s), -math.inf)
+
+
+class HalfNormal(_HalfLine, _td.HalfNormal, DistributionMixin):
     """torch's ``HalfNormal``; with a Python-number ``scale`` it scores in closed form."""
 
-    _scale_number: float | None = None
-
-    def __init__(self, scale: Any, validate_args: bool | None = None) -> None:
-        super().__init__(scale, validate_args=validate_args)
-        self._scale_number = _number(scale)
-
-    def expand(self, batch_shape: Any, _instance: Any = None) -> Any:
-        return _expand_keeping(self, HalfNormal, batch_shape, _instance, "_scale_number")
-
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        s = self._scale_number
-        if s is None or not _covers(value, self._batch_shape):
-            return super().log_prob(value)
-        if self._validate_args:
-            self._validate_sample(value)
-        lp = value.square().div(-2 * s * s).add(math.log(2) - math.log(s) - _LOG_SQRT_2PI)
-        return torch.where(value >= 0, lp, -math.inf)
+    @staticmethod
+    def _closed_form(value: torch.Tensor, s: float) -> torch.Tensor:
+        return value.square().div(-2 * s * s).add(math.log(2) - math.log(s) - _LOG_SQRT_2PI)
 
 
-class HalfCauchy(_td.HalfCauchy, DistributionMixin):
+class HalfCauchy(_HalfLine, _td.HalfCauchy, DistributionMixin):
     """torch's ``HalfCauchy``; with a Python-number ``scale`` it scores in closed form."""
 
-    _scale_number: float | None = None
-
-    def __init__(self, scale: Any, validate_args: bool | None = None) -> None:
-        super().__init__(scale, validate_args=validate_args)
-        self._scale_number = _number(scale)
-
-    def expand(self, batch_shape: Any, _instance: Any = None) -> Any:
-        return _expand_keeping(self, HalfCauchy, batch_shape, _instance, "_scale_number")
-
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        s = self._scale_number
-        if s is None or not _covers(value, self._batch_shape):
-            return super().log_prob(value)
-        if self._validate_args:
-            self._validate_sample(value)
-        lp = (value / s).square().log1p().neg().add(math.log(2) - math.log(math.pi) - math.log(s))
-        return torch.where(value >= 0, lp, -math.inf)
+    @staticmethod
+    def _closed_form(value: torch.Tensor, s: float) -> torch.Tensor:
+        return (value / s).square().log1p().neg().add(math.log(2) - math.log(math.pi) - math.log(s))
 
 
 _namespace.update(Normal=Normal, HalfNormal=HalfNormal, HalfCauchy=HalfCauchy)
