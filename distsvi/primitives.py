@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -224,7 +225,7 @@ def module(
     store = _PARAM_STORE
     if store._modules.get(name) is not nn_module:
         store._modules[name] = nn_module
-    for pname, p in nn_module.named_parameters():
+    for pname, full, p in _module_params(name, nn_module):
         if not p.requires_grad:
             if nn_module.training:
                 warnings.warn(
@@ -234,7 +235,6 @@ def module(
                     stacklevel=2,
                 )
             continue
-        full = param_with_module_name(name, pname)
         stored = store._params.get(full)
         if stored is not None and stored is not p:
             with torch.no_grad():
@@ -243,6 +243,46 @@ def module(
         param(full, p)
     return nn_module
 
+
+# A model calls ``module`` every step, and walking the module tree for its named
+# parameters costs more than the messages it sends. The walk is kept per module with a
+# snapshot of the tree (every submodule's parameter and child dicts, by identity) that is
+# checked on each call, so adding, replacing or deleting a parameter or submodule by any
+# route is seen at the next call.
+_MODULE_WALKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _tree_snapshot(root: torch.nn.Module) -> list[tuple[torch.nn.Module, tuple, tuple]]:
+    return [
+        (m, tuple(m._parameters.items()), tuple(m._modules.items()))
+        for m in root.modules()
+    ]
+
+
+def _tree_unchanged(snapshot: list[tuple[torch.nn.Module, tuple, tuple]]) -> bool:
+    for m, params, children in snapshot:
+        own, kids = m._parameters, m._modules
+        if len(own) != len(params) or len(kids) != len(children):
+            return False
+        for k, v in params:
+            if own.get(k) is not v:
+                return False
+        for k, v in children:
+            if kids.get(k) is not v:
+                return False
+    return True
+
+
+def _module_params(name: str, nn_module: torch.nn.Module) -> list[tuple[str, str, Any]]:
+    """``(param name, store name, param)`` for each of the module's parameters."""
+    if torch.compiler.is_compiling():
+        return [(n, param_with_module_name(name, n), p) for n, p in nn_module.named_parameters()]
+    hit = _MODULE_WALKS.get(nn_module)
+    if hit is not None and hit[0] == name and _tree_unchanged(hit[1]):
+        return hit[2]
+    walk = [(n, param_with_module_name(name, n), p) for n, p in nn_module.named_parameters()]
+    _MODULE_WALKS[nn_module] = (name, _tree_snapshot(nn_module), walk)
+    return walk
 
 _ALLOCATED_DIMS: list[int] = []
 _ARANGE: dict[tuple[int, Any], tuple[torch.Tensor, int]] = {}
