@@ -76,6 +76,21 @@ def wait_all(works: Sequence[dist.Work], busy_wait_s: float = 0.0) -> None:
         work.wait()
 
 
+# Up to this many bytes gathered (the bucket times the world size), Gloo's ring all-reduce
+# is latency-bound: it takes 2(W-1) rounds of messages where an all-gather takes W-1, and
+# a few kilobytes cost no more to send whole than in pieces. Such a bucket is gathered and
+# summed locally instead, which halves the rounds at two ranks (measured on 2 cores: a 1 KB
+# all-reduce 0.6-1.7 ms, the all-gather 0.4-0.6 ms). NCCL's small all-reduce is fast.
+GATHER_MAX_BYTES = 256 * 1024
+
+
+def _gathers(group: ProcessGroup, flat: Tensor) -> bool:
+    return (
+        group.backend == "gloo"
+        and flat.numel() * flat.element_size() * group.world_size <= GATHER_MAX_BYTES
+    )
+
+
 class BucketReducer:
     """The averaging all-reduce of a fixed list of gradients, one collective per bucket.
 
@@ -164,8 +179,14 @@ class BucketReducer:
     def _start(self, parts: list[Tensor]) -> None:
         parts = [t.reshape(-1) for t in parts]
         flat = torch.cat(parts) if len(parts) > 1 else parts[0]
-        self.works.append(dist.all_reduce(flat, group=self.group.torch_group, async_op=True))
-        self.flats.append(flat)
+        world, pg = self.group.world_size, self.group.torch_group
+        if _gathers(self.group, flat):
+            rows = flat.new_empty(world * flat.numel())
+            self.works.append(dist.all_gather_into_tensor(rows, flat, group=pg, async_op=True))
+            self.flats.append(rows.view(world, -1))
+        else:
+            self.works.append(dist.all_reduce(flat, group=pg, async_op=True))
+            self.flats.append(flat)
         self.started += 1
 
     def reduce(self, grads: Sequence[Tensor], trailer: Tensor) -> tuple[list[Tensor], Tensor]:
@@ -190,15 +211,17 @@ class BucketReducer:
         wait_all(self.works, self.busy_wait_s)
         flats, tensors, world = self.flats, self.tensors, self.group.world_size
         averaged: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
+        for b, flat in enumerate(flats):
+            if flat.dim() == 2:  # gathered: every rank sums the same rows in the same order
+                flats[b] = flat = flat.sum(0)
+            flat.div_(world)
         for b, idx in enumerate(self.buckets):
-            flat = flats[b].div_(world)
+            flat = flats[b]
             offset = 0
             for i in idx:
                 n = tensors[i].numel()
                 averaged[i] = flat[offset : offset + n].view_as(tensors[i])
                 offset += n
-        if self.carrier < 0:
-            flats[-1].div_(world)
         trailer_out = flats[self.carrier][-trailer.numel() :].to(trailer.dtype)
         # A sum is non-finite if any term is (or if finite terms overflow, which a step
         # should not survive either), and is cheaper than an elementwise test.

@@ -245,19 +245,26 @@ def count_collectives(group: ProcessGroup, bucket_cap_mb: float) -> dict:
         bucket_cap_mb=bucket_cap_mb,
     )
     dp.step(None, y, batch=8)  # creates, checks and broadcasts the params
-    real = torch.distributed.all_reduce
+    # a small bucket on Gloo is gathered and summed rather than all-reduced: count both
+    tdist = torch.distributed
+    real = {k: getattr(tdist, k) for k in ("all_reduce", "all_gather_into_tensor")}
     calls = []
 
-    def counting(tensor, *args, **kwargs):
-        calls.append(tensor.numel())
-        return real(tensor, *args, **kwargs)
+    def counting(fn):
+        def call(tensor, *args, **kwargs):
+            calls.append(tensor.numel())
+            return fn(tensor, *args, **kwargs)
 
-    torch.distributed.all_reduce = counting
+        return call
+
+    for k, fn in real.items():
+        setattr(tdist, k, counting(fn))
     try:
         for _ in range(3):
             dp.step(None, y, batch=8)
     finally:
-        torch.distributed.all_reduce = real
+        for k, fn in real.items():
+            setattr(tdist, k, fn)
     return {"calls": calls, "buckets": len(dp._buckets), "params": len(dp._layout)}
 
 
@@ -415,3 +422,39 @@ def overlapped(group: ProcessGroup, overlap: bool, num_particles: int, steps: in
         "early": early,
         "overlap": dp.overlap_backward,
     }
+
+
+def gather_vs_all_reduce(group: ProcessGroup) -> dict:
+    """Average the same rank-dependent tensors with small buckets gathered (the default
+    on Gloo) and with every bucket all-reduced; count which collective each bucket used."""
+    from distsvi.distributed import reduce as R
+
+    gen = torch.Generator().manual_seed(100 + group.rank)
+    # one big tensor (its own bucket, above the gather limit) and small ones in 4 KB buckets
+    tensors = [torch.randn(n, generator=gen) for n in (70_000, 300, 700, 5, 1000, 2)]
+    trailer = torch.tensor([float(group.rank + 1), 0.0])
+    buckets = R.bucket_indices(tensors, 4096)
+    tdist = torch.distributed
+    real = {k: getattr(tdist, k) for k in ("all_reduce", "all_gather_into_tensor")}
+    out: dict = {"inputs": [t.clone() for t in tensors], "buckets": buckets}
+    for mode, limit in (("gather", R.GATHER_MAX_BYTES), ("all_reduce", 0)):
+        used: list[str] = []
+
+        def counting(name, fn):
+            def call(*args, **kwargs):
+                used.append(name)
+                return fn(*args, **kwargs)
+
+            return call
+
+        for k, fn in real.items():
+            setattr(tdist, k, counting(k, fn))
+        old, R.GATHER_MAX_BYTES = R.GATHER_MAX_BYTES, limit
+        try:
+            avg, tr = R.all_reduce_mean([t.clone() for t in tensors], buckets, trailer, group)
+        finally:
+            R.GATHER_MAX_BYTES = old
+            for k, fn in real.items():
+                setattr(tdist, k, fn)
+        out[mode] = {"avg": [a.clone() for a in avg], "trailer": tr.clone(), "used": used}
+    return out

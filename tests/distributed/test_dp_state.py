@@ -130,3 +130,29 @@ def test_a_loss_with_two_backward_passes_does_not_overlap(backend):
     r0, r1 = ok(run_ranks(w.overlapped, True, 2, 3, backend=backend))
     assert not r0["overlap"] and r0["early"] == [0, 0, 0]
     assert_same(r0["params"], r1["params"])
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_small_buckets_gathered_and_summed_average_like_the_all_reduce(world_size):
+    results = ok(run_ranks(w.gather_vs_all_reduce, world_size=world_size))
+    n_buckets = len(results[0]["buckets"])
+    assert n_buckets >= 3 and results[0]["buckets"][0] == [0]
+    expected = [
+        torch.stack([r["inputs"][i] for r in results]).mean(0)
+        for i in range(len(results[0]["inputs"]))
+    ]
+    loss = sum(range(1, world_size + 1)) / world_size
+    for r in results:
+        # the 280 KB bucket is all-reduced either way; the small ones are gathered
+        assert r["gather"]["used"] == ["all_reduce"] + ["all_gather_into_tensor"] * (n_buckets - 1)
+        assert r["all_reduce"]["used"] == ["all_reduce"] * n_buckets
+        for mode in ("gather", "all_reduce"):
+            for got, want in zip(r[mode]["avg"], expected):
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+            assert r[mode]["trailer"][0].item() == pytest.approx(loss)
+            assert r[mode]["trailer"][1].item() == 0.0
+            total = sum(float(e.sum()) for e in expected) + loss
+            assert r[mode]["trailer"][2].item() == pytest.approx(total, rel=1e-4, abs=1e-3)
+    # gathered rows are summed in the same order everywhere: bitwise the same on all ranks
+    for r in results[1:]:
+        assert_same(r["gather"]["avg"], results[0]["gather"]["avg"])
