@@ -253,10 +253,7 @@ _MODULE_WALKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _tree_snapshot(root: torch.nn.Module) -> list[tuple[torch.nn.Module, tuple, tuple]]:
-    return [
-        (m, tuple(m._parameters.items()), tuple(m._modules.items()))
-        for m in root.modules()
-    ]
+    return [(m, tuple(m._parameters.items()), tuple(m._modules.items())) for m in root.modules()]
 
 
 def _tree_unchanged(snapshot: list[tuple[torch.nn.Module, tuple, tuple]]) -> bool:
@@ -283,6 +280,7 @@ def _module_params(name: str, nn_module: torch.nn.Module) -> list[tuple[str, str
     walk = [(n, param_with_module_name(name, n), p) for n, p in nn_module.named_parameters()]
     _MODULE_WALKS[nn_module] = (name, _tree_snapshot(nn_module), walk)
     return walk
+
 
 _ALLOCATED_DIMS: list[int] = []
 _ARANGE: dict[tuple[int, Any], tuple[torch.Tensor, int]] = {}

@@ -440,7 +440,7 @@ def gather_vs_all_reduce(group: ProcessGroup) -> dict:
     for mode, limit in (("gather", R.GATHER_MAX_BYTES), ("all_reduce", 0)):
         used: list[str] = []
 
-        def counting(name, fn):
+        def counting(name, fn, used=used):
             def call(*args, **kwargs):
                 used.append(name)
                 return fn(*args, **kwargs)
