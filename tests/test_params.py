@@ -181,3 +181,40 @@ def test_param_with_event_dim_is_subsampled_inside_a_subsampled_plate():
     assert torch.equal(w, torch.tensor([[8.0, 9.0], [2.0, 3.0]]))
     assert whole.shape == (6,)
     assert dict(pyro.get_param_store().named_parameters())["v"].shape == (6,)
+
+
+def test_module_sees_every_change_to_the_module_tree():
+    from distsvi import poutine
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    store = pyro.get_param_store()
+
+    def sites():
+        tr = poutine.trace(lambda: pyro.module("net", net)).get_trace()
+        return {n: s["value"] for n, s in tr.nodes.items() if s["type"] == "param"}
+
+    first = sites()
+    assert set(first) == {f"net$$${i}.{k}" for i in (0, 2) for k in ("weight", "bias")}
+    assert sites().keys() == first.keys()  # a second call, from the kept walk
+
+    net[2] = torch.nn.Linear(4, 2)  # a submodule replaced
+    s = sites()
+    assert s["net$$$2.weight"] is net[2].weight and store._params["net$$$2.weight"] is net[2].weight
+
+    net[0].register_parameter("extra", torch.nn.Parameter(torch.ones(2)))  # one added
+    assert "net$$$0.extra" in sites()
+
+    net[0]._parameters["bias"] = torch.nn.Parameter(torch.zeros(4))  # bypassing the hooks
+    assert sites()["net$$$0.bias"] is net[0].bias
+
+    del net[0].extra  # one deleted
+    assert "net$$$0.extra" not in sites()
+
+    net.append(torch.nn.Linear(2, 1))  # a submodule added
+    assert "net$$$3.weight" in sites()
+    del net[3]  # and deleted
+    assert "net$$$3.weight" not in sites()
+
+    # the same module under another name
+    tr = poutine.trace(lambda: pyro.module("other", net)).get_trace()
+    assert "other$$$0.weight" in tr.nodes and "net$$$0.weight" not in tr.nodes

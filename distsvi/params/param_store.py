@@ -144,8 +144,11 @@ class ParamStore:
         value = x if t is None else t(x)
         if not torch.compiler.is_compiling():
             # Pyro's handle on the leaf, ``param(...).unconstrained()`` (get_state strips it
-            # again, so that a state holds plain tensors)
-            value.unconstrained = _Unconstrained(x)
+            # again, so that a state holds plain tensors); an unconstrained param is its own
+            # leaf and keeps the handle it was given
+            held = value.__dict__.get("unconstrained") if t is None else None
+            if held is None or held() is not x:
+                value.unconstrained = _Unconstrained(x)
         return value
 
     def __setitem__(self, name: str, value: torch.Tensor) -> None:
