@@ -248,16 +248,21 @@ def module(
 # parameters costs more than the messages it sends. The walk is kept per module with a
 # snapshot of the tree (every submodule's parameter and child dicts, by identity) that is
 # checked on each call, so adding, replacing or deleting a parameter or submodule by any
-# route is seen at the next call.
+# route is seen at the next call. The snapshot names the root as ``None``: a value that
+# held its own weak key would keep the module alive for good.
 _MODULE_WALKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _tree_snapshot(root: torch.nn.Module) -> list[tuple[torch.nn.Module, tuple, tuple]]:
-    return [(m, tuple(m._parameters.items()), tuple(m._modules.items())) for m in root.modules()]
+def _tree_snapshot(root: torch.nn.Module) -> list[tuple[Any, tuple, tuple]]:
+    return [
+        (None if m is root else m, tuple(m._parameters.items()), tuple(m._modules.items()))
+        for m in root.modules()
+    ]
 
 
-def _tree_unchanged(snapshot: list[tuple[torch.nn.Module, tuple, tuple]]) -> bool:
+def _tree_unchanged(root: torch.nn.Module, snapshot: list[tuple[Any, tuple, tuple]]) -> bool:
     for m, params, children in snapshot:
+        m = root if m is None else m
         own, kids = m._parameters, m._modules
         if len(own) != len(params) or len(kids) != len(children):
             return False
@@ -272,13 +277,14 @@ def _tree_unchanged(snapshot: list[tuple[torch.nn.Module, tuple, tuple]]) -> boo
 
 def _module_params(name: str, nn_module: torch.nn.Module) -> list[tuple[str, str, Any]]:
     """``(param name, store name, param)`` for each of the module's parameters."""
-    if torch.compiler.is_compiling():
-        return [(n, param_with_module_name(name, n), p) for n, p in nn_module.named_parameters()]
-    hit = _MODULE_WALKS.get(nn_module)
-    if hit is not None and hit[0] == name and _tree_unchanged(hit[1]):
-        return hit[2]
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        hit = _MODULE_WALKS.get(nn_module)
+        if hit is not None and hit[0] == name and _tree_unchanged(nn_module, hit[1]):
+            return hit[2]
     walk = [(n, param_with_module_name(name, n), p) for n, p in nn_module.named_parameters()]
-    _MODULE_WALKS[nn_module] = (name, _tree_snapshot(nn_module), walk)
+    if not compiling:
+        _MODULE_WALKS[nn_module] = (name, _tree_snapshot(nn_module), walk)
     return walk
 
 

@@ -218,3 +218,17 @@ def test_module_sees_every_change_to_the_module_tree():
     # the same module under another name
     tr = poutine.trace(lambda: pyro.module("other", net)).get_trace()
     assert "other$$$0.weight" in tr.nodes and "net$$$0.weight" not in tr.nodes
+
+
+def test_a_module_is_not_kept_alive_once_the_store_lets_it_go():
+    import gc
+    import weakref
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    alive = weakref.ref(net)
+    pyro.module("net", net)
+    pyro.module("net", net)
+    pyro.clear_param_store()
+    del net
+    gc.collect()
+    assert alive() is None

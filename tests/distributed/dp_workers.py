@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import dp_models as m
@@ -236,6 +237,29 @@ def empty_guide(x, y, batch=None, idx=None):
     pass
 
 
+@contextlib.contextmanager
+def _counted_collectives():
+    """The names of the gradient collectives called inside the block, in order."""
+    tdist = torch.distributed
+    real = {k: getattr(tdist, k) for k in ("all_reduce", "all_gather_into_tensor")}
+    used: list[str] = []
+
+    def counting(name, fn):
+        def call(*args, **kwargs):
+            used.append(name)
+            return fn(*args, **kwargs)
+
+        return call
+
+    for k, fn in real.items():
+        setattr(tdist, k, counting(k, fn))
+    try:
+        yield used
+    finally:
+        for k, fn in real.items():
+            setattr(tdist, k, fn)
+
+
 def count_collectives(group: ProcessGroup, bucket_cap_mb: float) -> dict:
     seed_rank(0, group)
     y = torch.randn(64)
@@ -246,25 +270,9 @@ def count_collectives(group: ProcessGroup, bucket_cap_mb: float) -> dict:
     )
     dp.step(None, y, batch=8)  # creates, checks and broadcasts the params
     # a small bucket on Gloo is gathered and summed rather than all-reduced: count both
-    tdist = torch.distributed
-    real = {k: getattr(tdist, k) for k in ("all_reduce", "all_gather_into_tensor")}
-    calls = []
-
-    def counting(fn):
-        def call(tensor, *args, **kwargs):
-            calls.append(tensor.numel())
-            return fn(tensor, *args, **kwargs)
-
-        return call
-
-    for k, fn in real.items():
-        setattr(tdist, k, counting(fn))
-    try:
+    with _counted_collectives() as calls:
         for _ in range(3):
             dp.step(None, y, batch=8)
-    finally:
-        for k, fn in real.items():
-            setattr(tdist, k, fn)
     return {"calls": calls, "buckets": len(dp._buckets), "params": len(dp._layout)}
 
 
@@ -434,27 +442,13 @@ def gather_vs_all_reduce(group: ProcessGroup) -> dict:
     tensors = [torch.randn(n, generator=gen) for n in (70_000, 300, 700, 5, 1000, 2)]
     trailer = torch.tensor([float(group.rank + 1), 0.0])
     buckets = R.bucket_indices(tensors, 4096)
-    tdist = torch.distributed
-    real = {k: getattr(tdist, k) for k in ("all_reduce", "all_gather_into_tensor")}
     out: dict = {"inputs": [t.clone() for t in tensors], "buckets": buckets}
     for mode, limit in (("gather", R.GATHER_MAX_BYTES), ("all_reduce", 0)):
-        used: list[str] = []
-
-        def counting(name, fn, used=used):
-            def call(*args, **kwargs):
-                used.append(name)
-                return fn(*args, **kwargs)
-
-            return call
-
-        for k, fn in real.items():
-            setattr(tdist, k, counting(k, fn))
         old, R.GATHER_MAX_BYTES = R.GATHER_MAX_BYTES, limit
         try:
-            avg, tr = R.all_reduce_mean([t.clone() for t in tensors], buckets, trailer, group)
+            with _counted_collectives() as used:
+                avg, tr = R.all_reduce_mean([t.clone() for t in tensors], buckets, trailer, group)
         finally:
             R.GATHER_MAX_BYTES = old
-            for k, fn in real.items():
-                setattr(tdist, k, fn)
         out[mode] = {"avg": [a.clone() for a in avg], "trailer": tr.clone(), "used": used}
     return out
