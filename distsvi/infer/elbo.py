@@ -18,7 +18,6 @@ from ..distributions import kl_divergence
 from ..poutine import handlers as poutine
 from ..poutine.trace_struct import Trace, check_site_shape, plate_nesting, scale_and_mask
 
-
 # Set by SVI on the steps that may skip torch's argument checks of the model's and guide's
 # distributions (see SVI's "Validation" note); an ELBO called by anything else checks all.
 ARG_CHECKS = {"skip": False}
@@ -92,15 +91,36 @@ class ELBO:
                 dist_cls._validate_args = True
         else:
             model_trace, guide_trace = self._raw_traces(model, guide, args, kwargs)
-        model_trace.compute_log_prob()
-        guide_trace.compute_score_parts()
-        if primitives.is_validation_enabled():
-            self._validate(model_trace, guide_trace)
+        validate = primitives.is_validation_enabled()
+        key = (tuple(model_trace.nodes), tuple(guide_trace.nodes)) if validate else None
+        if self._sums_suffice(guide_trace, key):
+            guide_trace.compute_log_prob_sums()
+            model_trace.compute_log_prob_sums()
+        else:
+            model_trace.compute_log_prob()
+            guide_trace.compute_score_parts()
+        if validate:
+            self._validate(model_trace, guide_trace, key)
         return model_trace, guide_trace
 
-    def _validate(self, model_trace: Trace, guide_trace: Trace) -> None:
-        """Model/guide checks, run once per distinct set of sites."""
-        key = (tuple(model_trace.nodes), tuple(guide_trace.nodes))
+    # Whether the loss reads only each site's log_prob_sum when every guide site is
+    # reparameterised (then the traces skip the batch-shaped log_prob where they can).
+    _reads_only_sums = False
+
+    def _sums_suffice(self, guide_trace: Trace, key: tuple | None) -> bool:
+        """Whether these traces need only their sites' ``log_prob_sum``: the loss reads
+        nothing else, the site set has been validated (the shape checks read ``log_prob``),
+        and every guide site is reparameterised."""
+        if not self._reads_only_sums or (key is not None and key not in self._checked):
+            return False
+        return all(
+            site["fn"].has_rsample
+            for site in guide_trace.nodes.values()
+            if site["type"] == "sample"
+        )
+
+    def _validate(self, model_trace: Trace, guide_trace: Trace, key: tuple) -> None:
+        """Model/guide checks, run once per distinct set of sites (``key``)."""
         if key in self._checked:
             return
         model_latent = set(model_trace.stochastic_nodes)
@@ -298,6 +318,8 @@ class Trace_ELBO(ELBO):
         svi = SVI(model, guide, Adam({"lr": 0.01}), Trace_ELBO())
     """
 
+    _reads_only_sums = True
+
     def _differentiable_loss_particle(self, model_trace, guide_trace):
         elbo = 0.0
         for site in model_trace.nodes.values():
@@ -310,7 +332,8 @@ class Trace_ELBO(ELBO):
                 lps = site["log_prob_sum"]
                 if lps is not getattr(site["fn"], "_zero_sum", None):  # not a known zero
                     elbo = elbo - lps
-                if not _is_zero(site["score_parts"].score_function):
+                parts = site.get("score_parts")  # absent when only the sums were computed
+                if parts is not None and not _is_zero(parts.score_function):
                     nonreparam.append(site)
         # For reparameterised sites the surrogate is the ELBO itself (one graph, not two);
         # a non-reparameterised site contributes its score term instead of its entropy.

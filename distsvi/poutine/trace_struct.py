@@ -65,6 +65,37 @@ def _fill_log_prob(site: dict, what: str = "log_prob") -> torch.Tensor:
     return lp
 
 
+_INDEPENDENT_LOG_PROB = torch.distributions.Independent.log_prob
+
+
+def _fill_log_prob_sum(site: dict) -> None:
+    """Set only ``log_prob_sum`` where that is cheaper than the batch-shaped ``log_prob``.
+
+    A site whose ``fn`` is an ``Independent`` (``.to_event(n)``), with a number for a
+    scale and no mask, sums its base's log-density straight to a scalar and scales that:
+    the per-datapoint sums over the event dims, and the scaling of each, are skipped (the
+    same number up to float round-off). Any other site gets :func:`_fill_log_prob`.
+    """
+    fn, scale = site["fn"], site["scale"]
+    if (
+        site["mask"] is None
+        and type(scale) in (int, float)
+        and getattr(type(fn), "log_prob", None) is _INDEPENDENT_LOG_PROB
+        and not site["args"]
+        and not site["kwargs"]
+        and getattr(fn, "_zero_sum", None) is None
+    ):
+        try:
+            base = fn.base_dist.log_prob(site["value"])
+        except (ValueError, RuntimeError):
+            _fill_log_prob(site)  # raises the message that names the site
+            return
+        total = base.sum()
+        site["log_prob_sum"] = total if scale == 1.0 else total * scale
+        return
+    _fill_log_prob(site)
+
+
 class Trace:
     """The sites of one run of a model or guide, in execution order.
 
@@ -206,6 +237,26 @@ class Trace:
             if site["type"] == "sample" and "log_prob" not in site and site_filter(name, site):
                 _fill_log_prob(site)
 
+    def compute_log_prob_sums(self, score_parts: bool = False) -> bool:
+        """Set ``log_prob_sum`` of every sample site, without ``log_prob`` where skipping it
+        saves work (see :func:`_fill_log_prob_sum`): for an ELBO that reads only the sums.
+        With ``score_parts``, a site that is not reparameterised gets everything
+        :meth:`compute_score_parts` sets.
+
+        :returns: whether some site got score parts (is not reparameterised).
+        """
+        nonreparam = False
+        for site in self.nodes.values():
+            if site["type"] != "sample" or "log_prob_sum" in site:
+                continue
+            if score_parts and not site["fn"].has_rsample:
+                lp = _fill_log_prob(site, "score_parts")
+                site["score_parts"] = ScoreParts(lp, site["unscaled_log_prob"], 0)
+                nonreparam = True
+            else:
+                _fill_log_prob_sum(site)
+        return nonreparam
+
     def compute_score_parts(self) -> None:
         """Set ``score_parts`` (and ``log_prob``) of every sample site."""
         for site in self.nodes.values():
@@ -301,6 +352,7 @@ class Trace:
             if name == last_site:
                 break
         return _table(rows)
+
 
 def plate_nesting(*traces: Trace) -> int:
     """How many vectorized plate dims the sample sites of ``traces`` reach (Pyro's guess of
