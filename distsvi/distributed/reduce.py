@@ -194,10 +194,10 @@ class BucketReducer:
         ranks: start the buckets not yet in flight, wait for all, divide by the world size.
 
         :returns: ``(averaged, trailer)``: views of the averaged values in the order of the
-            tensors, and the averaged trailer followed by one more number, the sum of all
-            averaged values, which is finite only if every one is. A non-finite value on
-            any rank makes the sum over ranks non-finite, so whether to skip a step is
-            decided the same on every rank without a further collective.
+            tensors, and the averaged trailer followed by one more number, 1 if some
+            averaged value is NaN or infinite and 0 otherwise. A non-finite value on any
+            rank makes its sum over ranks non-finite, so whether to skip a step is decided
+            the same on every rank without a further collective.
         """
         self.armed = False
         self.started_in_backward = self.started  # for tests and benchmarks
@@ -209,12 +209,11 @@ class BucketReducer:
         if self.carrier < 0:
             self._start([trailer.clone()])
         wait_all(self.works, self.busy_wait_s)
-        flats, tensors, world = self.flats, self.tensors, self.group.world_size
+        tensors = self.tensors
+        # gathered rows: every rank sums the same rows in the same order
+        flats = [f.sum(0) if f.dim() == 2 else f for f in self.flats]
+        nonfinite = average_and_check_(flats, self.group.world_size)
         averaged: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
-        for b, flat in enumerate(flats):
-            if flat.dim() == 2:  # gathered: every rank sums the same rows in the same order
-                flats[b] = flat = flat.sum(0)
-            flat.div_(world)
         for b, idx in enumerate(self.buckets):
             flat = flats[b]
             offset = 0
@@ -223,11 +222,32 @@ class BucketReducer:
                 averaged[i] = flat[offset : offset + n].view_as(tensors[i])
                 offset += n
         trailer_out = flats[self.carrier][-trailer.numel() :].to(trailer.dtype)
-        # A sum is non-finite if any term is (or if finite terms overflow, which a step
-        # should not survive either), and is cheaper than an elementwise test.
-        total = torch.stack([f.sum().to(trailer.device, trailer.dtype) for f in flats]).sum()
         self._reset()
-        return averaged, torch.cat((trailer_out, total.reshape(1)))
+        return averaged, torch.cat((trailer_out, nonfinite.to(trailer.device, trailer.dtype)))
+
+
+def average_and_check_(flats: list[Tensor], world_size: int) -> Tensor:
+    """Divide every tensor of ``flats`` by ``world_size`` in place, and say whether any
+    value is non-finite, in one pass over the memory where torch can.
+
+    :returns: a 1-element float tensor: 1 if some value of ``flats`` is NaN or infinite,
+        0 otherwise.
+    """
+    found = torch.zeros(1, device=flats[0].device)
+    # 1/W is exact in float32 for a power of two, so the product is the quotient exactly;
+    # other world sizes divide after the check.
+    exact = world_size & (world_size - 1) == 0
+    inv = torch.full((1,), 1.0 / world_size if exact else 1.0, device=found.device)
+    try:
+        # AMP's unscale kernel: multiply and flag non-finite values in the same pass.
+        torch._amp_foreach_non_finite_check_and_unscale_(flats, found, inv)
+    except (AttributeError, NotImplementedError, RuntimeError):  # an older torch or device
+        torch._foreach_mul_(flats, inv.item())
+        total = torch.stack([f.sum() for f in flats]).sum()
+        found = (~torch.isfinite(total)).to(found.dtype).reshape(1)
+    if not exact:
+        torch._foreach_div_(flats, float(world_size))
+    return found
 
 
 def all_reduce_mean(

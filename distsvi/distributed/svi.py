@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -275,11 +274,11 @@ class DataParallelSVI:
         trailer = torch.stack((loss.detach().reshape(()), loss.new_tensor(float(changed))))
         averaged, trailer = self._reducer.reduce(grads, trailer)
         # Sync point: the one host read of the step, the same numbers on every rank.
-        mean_loss, any_changed, total = trailer.tolist()
+        mean_loss, any_changed, nonfinite = trailer.tolist()
         self._loss = mean_loss
         if any_changed > 0 and self._relayout(params):
             return _skip(params)
-        if not math.isfinite(total):
+        if nonfinite:
             return self._bad_step(params)
         self.bad_in_a_row = 0
         for n, g in zip(layout, averaged):

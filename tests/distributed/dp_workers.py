@@ -407,8 +407,13 @@ def overlapped(group: ProcessGroup, overlap: bool, num_particles: int, steps: in
     seed_rank(0, group)
     torch.manual_seed(0)
     _NET = torch.nn.Sequential(
-        torch.nn.Linear(8, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(),
-        torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1),
+        torch.nn.Linear(8, 64),
+        torch.nn.Tanh(),
+        torch.nn.Linear(64, 64),
+        torch.nn.Tanh(),
+        torch.nn.Linear(64, 64),
+        torch.nn.Tanh(),
+        torch.nn.Linear(64, 1),
     )
     pyro.clear_param_store()
     seed_rank(0, group)
@@ -451,4 +456,11 @@ def gather_vs_all_reduce(group: ProcessGroup) -> dict:
         finally:
             R.GATHER_MAX_BYTES = old
         out[mode] = {"avg": [a.clone() for a in avg], "trailer": tr.clone(), "used": used}
+    # a non-finite value on the last rank only, in a gathered bucket and in an all-reduced one
+    for where, bad in ((2, float("nan")), (0, float("inf"))):
+        inputs = [t.clone() for t in tensors]
+        if group.rank == group.world_size - 1:
+            inputs[where][1] = bad
+        _, tr = R.all_reduce_mean(inputs, buckets, trailer, group)
+        out[f"nonfinite {where}"] = tr.clone()
     return out
