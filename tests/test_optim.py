@@ -294,3 +294,44 @@ def test_constrained_param_is_optimised_unconstrained():
     # loss = log sd + 1/(2 sd^2); d/du at u = log 2: 1 - 1/sd^2 = 0.75
     u = torch.log(torch.tensor(2.0)) - 0.1 * 0.75
     assert pyro.param("sd").item() == pytest.approx(u.exp().item(), rel=1e-6)
+
+
+def _torch_optimizer(opt):
+    (cohort,) = opt._cohorts
+    return cohort.optimizer
+
+
+@pytest.mark.parametrize("args", [{}, {"foreach": False}, {"fused": False}])
+def test_optimizers_take_torchs_fused_kernels_unless_told_and_save_pyros_options(args):
+    try:
+        torch.optim.Adam([torch.zeros(1, requires_grad=True)], fused=True)
+    except RuntimeError:
+        pytest.skip("this torch has no fused Adam for CPU")
+    opt = optim.Adam({"lr": 0.1, **args})
+    svi = SVI(model, guide, opt, Trace_ELBO())
+    svi.step()
+    group = _torch_optimizer(opt).param_groups[0]
+    assert bool(group["fused"]) == (args == {})
+    state = opt.get_state()
+    assert all(e["param_groups"][0]["fused"] is None for e in state.values())
+    assert all(e["param_groups"][0]["foreach"] is None for e in state.values())
+    # a loaded state does not choose the kernels: this process's choice stays
+    pyro.clear_param_store()
+    opt2 = optim.Adam({"lr": 0.1, **args})
+    svi2 = SVI(model, guide, opt2, Trace_ELBO())
+    svi2.step()
+    opt2.set_state(state)
+    assert bool(_torch_optimizer(opt2).param_groups[0]["fused"]) == (args == {})
+
+
+def test_fused_and_default_kernels_take_the_same_steps():
+    finals = []
+    for args in ({}, {"fused": False, "foreach": False}):
+        pyro.clear_param_store()
+        opt = optim.Adam({"lr": 0.1, **args})
+        svi = SVI(model, guide, opt, Trace_ELBO())
+        for _ in range(20):
+            svi.step()
+        finals.append({n: p.detach().clone() for n, p in pyro.get_param_store().items()})
+    for name, value in finals[1].items():
+        torch.testing.assert_close(finals[0][name], value, rtol=1e-6, atol=1e-7)

