@@ -22,26 +22,40 @@ def guide(x, y):
     pyro.sample("w", dist.Normal(loc, scale).to_event(1))
 
 
-def run(compile_: bool, steps: int = 15):
+def run(compile_: bool, steps: int = 15, kernels: dict | None = None):
     pyro.clear_param_store()
     g = torch.Generator().manual_seed(1)
     x = torch.randn(64, 3, generator=g)
     y = torch.bernoulli(torch.sigmoid(x @ torch.tensor([1.0, -2.0, 0.5])), generator=g)
     torch.manual_seed(0)
-    svi = SVI(model, guide, Adam({"lr": 0.05}), Trace_ELBO(), compile=compile_)
+    optim = Adam({"lr": 0.05, **(kernels or {})})
+    svi = SVI(model, guide, optim, Trace_ELBO(), compile=compile_)
     losses = [svi.step(x, y) for _ in range(steps)]
-    return losses, {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    groups = optim.optimizer.param_groups
+    kernels_used = {(g["fused"], g["foreach"]) for g in groups}
+    return losses, {k: v.detach().clone() for k, v in pyro.get_param_store().items()}, kernels_used
 
 
 @pytest.mark.timeout(600)
 def test_compiled_step_matches_eager():
-    eager_losses, eager_params = run(False)
-    compiled_losses, compiled_params = run(True)
+    eager_losses, eager_params, eager_kernels = run(False)
+    compiled_losses, compiled_params, compiled_kernels = run(True)
+    # eager steps take torch's fused Adam; the compiled optimizer step is compiled foreach
+    assert eager_kernels == {(True, None)} and compiled_kernels == {(None, True)}
     torch.testing.assert_close(
         torch.tensor(compiled_losses), torch.tensor(eager_losses), rtol=1e-4, atol=1e-4
     )
     for name, value in eager_params.items():
         torch.testing.assert_close(compiled_params[name], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.timeout(600)
+def test_a_kernel_the_user_chose_is_compiled_as_chosen():
+    eager_losses, eager_params, _ = run(False, steps=5, kernels={"fused": True})
+    losses, params, kernels = run(True, steps=5, kernels={"fused": True})
+    assert kernels == {(True, None)}  # the fused step runs as it is, not compiled
+    for name, value in eager_params.items():
+        torch.testing.assert_close(params[name], value, rtol=1e-5, atol=1e-6)
 
 
 def run_with_a_late_param(compile_: bool, steps: int = 5) -> dict:

@@ -67,7 +67,8 @@ class SVI:
     :param compile: ``True`` (or a dict of ``torch.compile`` options) to run steps through
         ``torch.compile`` once the params exist: the first step runs eagerly (params are
         created and the model is checked), later steps run the compiled loss (and the
-        compiled optimizer step for torch's own optimizers without a scheduler). A param
+        compiled optimizer step for torch's own optimizers without a scheduler, on foreach
+        kernels; an optimizer given ``fused=True`` steps eagerly, its kernel uncompiled). A param
         created inside a compiled step is updated in that step by the eager optimizer, and
         the next step recompiles. Needs an ELBO loss. A compiled step reads local params
         densely (the whole tensor, then the batch's rows), as Pyro does.
@@ -287,11 +288,16 @@ class SVI:
         )
         optimizer = getattr(self.optim, "optimizer", None)
         optim_step = None
+        prefer_foreach = getattr(self.optim, "prefer_foreach", None)
+        if prefer_foreach is not None:
+            prefer_foreach()  # compiled foreach beats the fused kernel distsvi picked for eager
         if (
             optimizer is not None
             and type(optimizer).__module__.startswith("torch.optim")
             and not hasattr(self.optim, "scheduler_constructor")
             and not getattr(self.optim, "pt_clip_args", None)
+            # A fused kernel the user asked for is one call already; it steps eagerly.
+            and not any(group.get("fused") for group in optimizer.param_groups)
         ):
             # lr is a float in the param group: a scheduler would force a recompile per change.
             compiled_opt = torch.compile(optimizer.step, **self._compile_options)

@@ -41,7 +41,11 @@ def _foreach_default(constructor: type, args: dict) -> dict:
     """``args`` with ``foreach=True`` unless the caller chose: torch picks foreach kernels on
     CUDA only, but on CPU too one foreach kernel per update term beats a Python loop over
     params (the same arithmetic, in the same order, per element)."""
-    if "foreach" in args or "foreach" not in inspect.signature(constructor).parameters:
+    if (
+        "foreach" in args
+        or args.get("fused")
+        or "foreach" not in inspect.signature(constructor).parameters
+    ):
         return args
     return {**args, "foreach": True}
 
@@ -59,9 +63,12 @@ def _fastest(constructor: type, p: torch.Tensor, args: dict) -> torch.optim.Opti
     options = inspect.signature(constructor).parameters
     if "fused" in options and not ({"fused", "foreach", "differentiable"} & set(args)):
         try:
-            return constructor([p], **args, fused=True)
+            optimizer = constructor([p], **args, fused=True)
         except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device or dtype
             pass
+        else:
+            optimizer._fused_by_distsvi = True  # see PyroOptim.prefer_foreach
+            return optimizer
     return constructor([p], **_foreach_default(constructor, args))
 
 
@@ -143,6 +150,20 @@ class PyroOptim:
     def optimizer(self) -> torch.optim.Optimizer | None:
         """The torch optimizer (the first one, when a scheduler started several)."""
         return self._cohorts[0].optimizer if self._cohorts else None
+
+    def prefer_foreach(self) -> None:
+        """Step with foreach kernels where fused ones were picked by default, not asked for.
+
+        For a step under ``torch.compile``: it turns foreach updates into one generated
+        kernel, while the fused kernel stays an opaque call (measured on CPU, Adam over
+        four small params: 77 us compiled foreach against 185 us compiled fused).
+        """
+        for cohort in self._cohorts:
+            optimizer = cohort.optimizer
+            if getattr(optimizer, "_fused_by_distsvi", False):
+                for options in (optimizer.defaults, *optimizer.param_groups):
+                    options.update(fused=None, foreach=True)
+                optimizer._fused_by_distsvi = False
 
     @property
     def optim_objs(self) -> dict[torch.Tensor, ParamOptimizer]:
