@@ -171,10 +171,11 @@ class RunConfig:
 
 
 # run.compile=auto compiles runs of at least this many steps. Measured with
-# benchmarks/compile_payoff.py on the shipped configs (2-core CPU, one thread): the compile
-# costs 11-36 s and a compiled step is 1.7-3x faster, which repays the compile after
-# 2,300-3,900 steps; the threshold leaves a margin for models that gain less.
-COMPILE_AUTO_MIN_STEPS = 5_000
+# benchmarks/compile_payoff.py on the shipped configs (2-core CPU, one thread, a cold
+# compile cache): the compile costs 12-15 s and a compiled step is 1.5-3.1x faster, which
+# repays the compile after 8,800-18,100 steps; the threshold leaves a margin for models
+# that gain less.
+COMPILE_AUTO_MIN_STEPS = 25_000
 
 
 def compiles(run: RunConfig, total_steps: int) -> bool:
