@@ -335,3 +335,10 @@ def test_fused_and_default_kernels_take_the_same_steps():
         finals.append({n: p.detach().clone() for n, p in pyro.get_param_store().items()})
     for name, value in finals[1].items():
         torch.testing.assert_close(finals[0][name], value, rtol=1e-6, atol=1e-7)
+
+
+def test_sgd_keeps_its_default_kernels_which_take_sparse_gradients():
+    opt = optim.SGD({"lr": 0.1})
+    SVI(model, guide, opt, Trace_ELBO()).step()
+    group = _torch_optimizer(opt).param_groups[0]
+    assert not group["fused"] and group["foreach"]
