@@ -1,5 +1,9 @@
 """SVI(compile=True): the compiled step takes the same steps as the eager one."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.distributions import constraints
@@ -51,8 +55,8 @@ def test_compiled_step_matches_eager():
 
 @pytest.mark.timeout(600)
 def test_a_kernel_the_user_chose_is_compiled_as_chosen():
-    eager_losses, eager_params, _ = run(False, steps=5, kernels={"fused": True})
-    losses, params, kernels = run(True, steps=5, kernels={"fused": True})
+    _, eager_params, _ = run(False, steps=5, kernels={"fused": True})
+    _, params, kernels = run(True, steps=5, kernels={"fused": True})
     assert kernels == {(True, None)}  # the fused step runs as it is, not compiled
     for name, value in eager_params.items():
         torch.testing.assert_close(params[name], value, rtol=1e-5, atol=1e-6)
@@ -116,3 +120,27 @@ def test_an_autoguide_elbo_with_full_plates_compiles_to_one_graph():
         ex = torch._dynamo.explain(lambda *a: elbo.differentiable_loss(hier, guide, *a))(group, y)
     assert (ex.graph_count, ex.graph_break_count) == (1, 0), [b.reason for b in ex.break_reasons]
     pyro.clear_param_store()
+
+
+def test_compiling_leaves_torchs_argument_checks_as_they_were():
+    # torch.compile's first use in a process turns them off globally: a fresh process
+    script = (
+        "import torch, test_compile as t\n"
+        "t.run(True, steps=3)\n"
+        "assert torch.distributions.Distribution._validate_args, 'checks left off'\n"
+        "try:\n"
+        "    torch.distributions.Normal(0.0, -1.0)\n"
+        "except ValueError:\n"
+        "    print('checked')\n"
+    )
+    tests = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tests,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("checked")

@@ -68,9 +68,9 @@ class SVI:
         ``torch.compile`` once the params exist: the first step runs eagerly (params are
         created and the model is checked), later steps run the compiled loss (and the
         compiled optimizer step for torch's own optimizers without a scheduler, on foreach
-        kernels; an optimizer given ``fused=True`` steps eagerly, its kernel uncompiled). A param
-        created inside a compiled step is updated in that step by the eager optimizer, and
-        the next step recompiles. Needs an ELBO loss. A compiled step reads local params
+        kernels; an optimizer given ``fused=True`` steps eagerly, its kernel uncompiled). A
+        param created inside a compiled step is updated in that step by the eager optimizer,
+        and the next step recompiles. Needs an ELBO loss. A compiled step reads local params
         densely (the whole tensor, then the batch's rows), as Pyro does.
     :param num_samples: Pyro's (for its deprecated ``run``); unused.
     :param num_steps: Pyro's (for its deprecated ``run``); unused.
@@ -282,6 +282,15 @@ class SVI:
         step(dense, rows=row_list)
 
     def _prepare_compiled(self, params: dict[str, torch.Tensor]) -> None:
+        # torch.compile's first use in a process turns torch.distributions' argument checks
+        # off for the whole process; the user's setting is put back below.
+        validate = torch.distributions.Distribution._validate_args
+        try:
+            self._compile(params)
+        finally:
+            torch.distributions.Distribution.set_default_validate_args(validate)
+
+    def _compile(self, params: dict[str, torch.Tensor]) -> None:
         elbo, model, guide = self._elbo, self.model, self.guide
         loss_fn = torch.compile(
             lambda *a, **k: elbo.differentiable_loss(model, guide, *a, **k), **self._compile_options

@@ -237,25 +237,12 @@ class Trace:
             if site["type"] == "sample" and "log_prob" not in site and site_filter(name, site):
                 _fill_log_prob(site)
 
-    def compute_log_prob_sums(self, score_parts: bool = False) -> bool:
+    def compute_log_prob_sums(self) -> None:
         """Set ``log_prob_sum`` of every sample site, without ``log_prob`` where skipping it
-        saves work (see :func:`_fill_log_prob_sum`): for an ELBO that reads only the sums.
-        With ``score_parts``, a site that is not reparameterised gets everything
-        :meth:`compute_score_parts` sets.
-
-        :returns: whether some site got score parts (is not reparameterised).
-        """
-        nonreparam = False
+        saves work (see :func:`_fill_log_prob_sum`): for an ELBO that reads only the sums."""
         for site in self.nodes.values():
-            if site["type"] != "sample" or "log_prob_sum" in site:
-                continue
-            if score_parts and not site["fn"].has_rsample:
-                lp = _fill_log_prob(site, "score_parts")
-                site["score_parts"] = ScoreParts(lp, site["unscaled_log_prob"], 0)
-                nonreparam = True
-            else:
+            if site["type"] == "sample" and "log_prob_sum" not in site:
                 _fill_log_prob_sum(site)
-        return nonreparam
 
     def compute_score_parts(self) -> None:
         """Set ``score_parts`` (and ``log_prob``) of every sample site."""
