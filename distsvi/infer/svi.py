@@ -297,18 +297,18 @@ class SVI:
         )
         optimizer = getattr(self.optim, "optimizer", None)
         optim_step = None
-        prefer_foreach = getattr(self.optim, "prefer_foreach", None)
-        if prefer_foreach is not None:
-            prefer_foreach()  # compiled foreach beats the fused kernel distsvi picked for eager
-        if (
+        # lr is a float in the param group: a scheduler would force a recompile per change.
+        compilable = (
             optimizer is not None
             and type(optimizer).__module__.startswith("torch.optim")
             and not hasattr(self.optim, "scheduler_constructor")
             and not getattr(self.optim, "pt_clip_args", None)
-            # A fused kernel the user asked for is one call already; it steps eagerly.
-            and not any(group.get("fused") for group in optimizer.param_groups)
-        ):
-            # lr is a float in the param group: a scheduler would force a recompile per change.
+        )
+        prefer_foreach = getattr(self.optim, "prefer_foreach", None)
+        if compilable and prefer_foreach is not None:
+            prefer_foreach()  # compiled foreach beats the fused kernel distsvi picked for eager
+        # A fused kernel the user asked for is one call already; it steps eagerly.
+        if compilable and not any(group.get("fused") for group in optimizer.param_groups):
             compiled_opt = torch.compile(optimizer.step, **self._compile_options)
             optim_step = lambda _params: compiled_opt()
         self._compiled = _Compiled(
