@@ -84,6 +84,12 @@ def wait_all(works: Sequence[dist.Work], busy_wait_s: float = 0.0) -> None:
 GATHER_MAX_BYTES = 256 * 1024
 
 
+def _all_gather(out: Tensor, flat: Tensor, group, async_op: bool):
+    # torch 2.13 renamed all_gather_into_tensor (which now warns); older torch lacks the new name.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return gather(out, flat, group=group, async_op=async_op)
+
+
 def _gathers(group: ProcessGroup, flat: Tensor) -> bool:
     return (
         group.backend == "gloo"
@@ -182,7 +188,7 @@ class BucketReducer:
         world, pg = self.group.world_size, self.group.torch_group
         if _gathers(self.group, flat):
             rows = flat.new_empty(world * flat.numel())
-            self.works.append(dist.all_gather_into_tensor(rows, flat, group=pg, async_op=True))
+            self.works.append(_all_gather(rows, flat, group=pg, async_op=True))
             self.flats.append(rows.view(world, -1))
         else:
             self.works.append(dist.all_reduce(flat, group=pg, async_op=True))

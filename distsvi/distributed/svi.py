@@ -22,6 +22,7 @@ from .reduce import (
     bucket_indices,
     check_same_names,
 )
+from .shm import shared_memory_reducer
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,13 @@ class DataParallelSVI:
         permutation, as ranks do, instead of the plate's ``randperm(N)`` per step (which
         costs more than the step for large N). The job sets it; the default keeps a
         single process's :meth:`step` ``svi.step`` exactly.
+    :param shared_memory: on CPU (Gloo), average the gradients through segments of
+        ``/dev/shm`` that the ranks of one machine all map, instead of Gloo's TCP
+        all-reduce (see :mod:`distsvi.distributed.shm`). ``None`` (default): when every
+        rank can map every other rank's segment and the gradients take at least
+        :data:`~distsvi.distributed.shm.MIN_BYTES`; ``True``: whatever their size;
+        ``False``: never. Where some rank cannot map the segments (ranks on several
+        machines) all ranks use Gloo. Its buckets do not overlap backward.
 
     Example::
 
@@ -126,6 +134,7 @@ class DataParallelSVI:
         overlap_backward: bool = True,
         local_params: str = "replicated",
         walk_epochs: bool = False,
+        shared_memory: bool | None = None,
     ) -> None:
         if isinstance(shard_plates, str):
             shard_plates = (shard_plates,)
@@ -135,6 +144,8 @@ class DataParallelSVI:
             raise ValueError(f"max_bad_steps must be >= 1, got {max_bad_steps}")
         if not busy_wait_ms >= 0:
             raise ValueError(f"busy_wait_ms must be >= 0, got {busy_wait_ms}")
+        if shared_memory not in (None, True, False):
+            raise ValueError(f"shared_memory must be None, True or False, got {shared_memory!r}")
         if local_params not in ("replicated", "sharded"):
             raise ValueError(
                 f"local_params must be 'replicated' or 'sharded', got {local_params!r}"
@@ -164,6 +175,7 @@ class DataParallelSVI:
         self._rerun = False
         self._loss = float("nan")
         self.walk_epochs = walk_epochs
+        self.shared_memory = shared_memory
         self._store_version: int | None = None  # the param store's at the last step
         self._rng_devices = (
             [self.group.device.index or 0] if self.group.device.type == "cuda" else []
@@ -302,7 +314,9 @@ class DataParallelSVI:
         ]
         self._buckets = bucket_indices(self._layout_params, self.cap_bytes)
         self._reducer.close()
-        self._reducer = BucketReducer(
+        self._reducer = shared_memory_reducer(
+            self._layout_params, self.group, self.busy_wait_s, self.shared_memory
+        ) or BucketReducer(
             self._layout_params,
             self._buckets,
             self.group,

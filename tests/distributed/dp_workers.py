@@ -200,7 +200,9 @@ def mismatched_params(group: ProcessGroup, from_step: int) -> None:
         dp.step(x, y, batch=16)
 
 
-def nan_on_rank_1(group: ProcessGroup, bad_steps: set[int], max_bad_steps: int) -> dict:
+def nan_on_rank_1(
+    group: ProcessGroup, bad_steps: set[int], max_bad_steps: int, shared_memory=None
+) -> dict:
     seed_rank(0, group)
     x, y = m.make_logistic()
     step = {"n": 0}
@@ -218,13 +220,18 @@ def nan_on_rank_1(group: ProcessGroup, bad_steps: set[int], max_bad_steps: int) 
         SVI(m.logistic_model, guide, Adam({"lr": 0.1}), Trace_ELBO()),
         group,
         max_bad_steps=max_bad_steps,
+        shared_memory=shared_memory,
     )
     history = []
     for n in range(1, 11):
         step["n"] = n
         dp.step(x, y, batch=16)
         history.append(snapshot())
-    return {"history": history, "num_skipped": dp.num_skipped}
+    return {
+        "history": history,
+        "num_skipped": dp.num_skipped,
+        "reducer": type(dp._reducer).__name__,
+    }
 
 
 def many_params_model(x, y, batch=None, idx=None):
@@ -241,7 +248,8 @@ def empty_guide(x, y, batch=None, idx=None):
 def _counted_collectives():
     """The names of the gradient collectives called inside the block, in order."""
     tdist = torch.distributed
-    real = {k: getattr(tdist, k) for k in ("all_reduce", "all_gather_into_tensor")}
+    names = ("all_reduce", "all_gather_single", "all_gather_into_tensor")
+    real = {k: getattr(tdist, k) for k in names if hasattr(tdist, k)}
     used: list[str] = []
 
     def counting(name, fn):

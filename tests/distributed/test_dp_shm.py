@@ -1,0 +1,72 @@
+"""Gradients averaged through shared memory (CPU ranks of one machine), on real Gloo
+ranks: the same training as Gloo's all-reduce, identical ranks, the fallback when ranks
+cannot see each other's segments, and nothing left behind."""
+
+from __future__ import annotations
+
+import dp_workers as w
+import pytest
+import shm_workers as sw
+import torch
+from dp_harness import RankError, assert_same, ok, run_ranks
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
+
+
+def test_two_ranks_train_exactly_as_with_gloo_and_leave_no_files(tmp_path):
+    r0, r1 = ok(run_ranks(sw.shm_vs_gloo, str(tmp_path), 12))
+    for r in (r0, r1):
+        assert r["shm"]["reducer"] == "SharedMemoryReducer"
+        assert r["gloo"]["reducer"] == "BucketReducer"
+        # the sum of two ranks is exact in either order, and 1/2 is exact: same bits
+        assert_same(r["shm"]["params"], r["gloo"]["params"])
+        assert r["shm"]["losses"] == pytest.approx(r["gloo"]["losses"], rel=1e-6)
+        assert r["shm"]["left_in_dir"] == []  # removed once every rank mapped it
+    assert_same(r0["shm"]["params"], r1["shm"]["params"])
+    assert r0["shm"]["losses"] == r1["shm"]["losses"]
+    for name, value in r0["shm"]["params"].items():
+        assert not torch.equal(value, r0["shm"]["init"][name]), f"{name} did not train"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_three_ranks_match_gloo_and_each_other(tmp_path):
+    results = ok(run_ranks(sw.shm_vs_gloo, str(tmp_path), 12, world_size=3, timeout=120))
+    for r in results:
+        assert r["shm"]["reducer"] == "SharedMemoryReducer"
+        for name, value in r["shm"]["params"].items():
+            # 1/3 is not exact and the ring sums in another order: equal to rounding
+            torch.testing.assert_close(value, r["gloo"]["params"][name], rtol=1e-5, atol=1e-6)
+    for r in results[1:]:
+        assert_same(results[0]["shm"]["params"], r["shm"]["params"])
+
+
+def test_default_uses_shared_memory_from_a_mebibyte_of_gradients(tmp_path):
+    for r in ok(run_ranks(sw.auto_choice, str(tmp_path))):
+        assert r == {"small": "BucketReducer", "wide": "SharedMemoryReducer"}
+
+
+def test_ranks_that_cannot_map_each_others_segments_all_use_gloo(tmp_path):
+    r0, r1 = ok(run_ranks(sw.private_dirs, str(tmp_path), 6))
+    for r in (r0, r1):
+        assert r["reducer"] == "BucketReducer"
+        assert_same(r["params"], r["reference"]["params"])
+        assert r["left_in_dir"] == []
+    assert_same(r0["params"], r1["params"])
+
+
+def test_nan_gradient_on_one_rank_skips_the_step_on_both(tmp_path):
+    r0, r1 = ok(run_ranks(w.nan_on_rank_1, {5}, 3, True))
+    for r in (r0, r1):
+        h = r["history"]
+        assert r["reducer"] == "SharedMemoryReducer"
+        assert_same(h[3], h[4])  # step 5 skipped
+        assert not torch.equal(h[4]["w_loc"], h[5]["w_loc"])
+        assert r["num_skipped"] == 1
+    assert_same(r0["history"], r1["history"])
+
+
+def test_a_rank_that_raises_ends_the_other_instead_of_hanging(tmp_path):
+    r0, r1 = run_ranks(sw.rank_1_fails, str(tmp_path), timeout=60)
+    assert isinstance(r1, RankError) and "failed on rank 1" in r1.message, r1
+    assert isinstance(r0, RankError), "rank 0 must fail when its peer is gone"
+    assert list(tmp_path.iterdir()) == []
