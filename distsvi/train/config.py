@@ -219,6 +219,11 @@ class DistConfig:
     """Size of a gradient all-reduce bucket, in MiB."""
     pin_cpus: bool = False
     """On CPU, give each rank of a node cores of its own (cores // ranks per node)."""
+    shared_memory: str = "auto"
+    """On CPU, average gradients through /dev/shm segments that the ranks of one machine
+    all map instead of Gloo's TCP all-reduce: auto (when every rank can map every other's
+    and the gradients take at least 1 MiB), true (whatever their size) or false. Ranks on
+    several machines use Gloo either way."""
     local_params: str = "sharded"
     """sharded (rank r stores and updates only its own block of the rows of local params,
     which never enter the all-reduce, and holds only that block of the in-memory training
@@ -454,6 +459,7 @@ SAFE_ON_RESUME = (
     "dist.bucket_cap_mb",
     "dist.pin_cpus",
     "dist.local_params",
+    "dist.shared_memory",
 )
 OPTIM_HYPERPARAMETERS = ("optim.lr", "optim.options", "optim.per_param")
 
@@ -603,6 +609,7 @@ def check_ranges(cfg: TrainConfig, base_dir: Path = Path("."), world_size: int =
         ("run.device", r.device, ("auto", "cpu", "cuda")),
         ("run.compile", r.compile.lower(), ("false", "true", "auto")),
         ("dist.backend", cfg.dist.backend, ("auto", "gloo", "nccl")),
+        ("dist.shared_memory", cfg.dist.shared_memory.lower(), ("auto", "true", "false")),
     ]:
         require(value in allowed, key, f"must be {', '.join(allowed)}; got {value!r}")
     require(

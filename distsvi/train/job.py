@@ -312,6 +312,7 @@ def build_job(cfg: TrainConfig, group: distributed.ProcessGroup) -> Job:
         max_bad_steps=cfg.run.max_bad_steps,
         local_params=cfg.dist.local_params,
         walk_epochs=True,
+        shared_memory={"auto": None, "true": True, "false": False}[cfg.dist.shared_memory.lower()],
     )
     monitor = svi.grad_hook = GradMonitor(cfg.optim.clip_norm, policy=dp)
     # Batches of a rank's own block come as explicit indices (the loader's, or taken from
@@ -481,9 +482,7 @@ def first_non_finite(job: Job) -> str:
     try:
         with job.probing() as (args, kwargs):
             guide = poutine.trace(job.guide).get_trace(*args, **kwargs)
-            model = poutine.trace(poutine.replay(job.model, trace=guide)).get_trace(
-                *args, **kwargs
-            )
+            model = poutine.trace(poutine.replay(job.model, trace=guide)).get_trace(*args, **kwargs)
     except ValueError as e:
         return f"a distribution refused its parameters ({first_line(e)})"
     for where, trace in (("guide", guide), ("model", model)):

@@ -26,6 +26,7 @@ CASES = [
     ("unknown-checkpoint", None, ["checkpoint.path=x"], "checkpoint.path"),
     ("unknown-log", None, ["log.level=3"], "log.level"),
     ("unknown-dist", None, ["dist.world=2"], "dist.world"),
+    ("bad-shared-memory", None, ["dist.shared_memory=sometimes"], "dist.shared_memory"),
     ("type-steps", None, ["run.steps=abc"], "run.steps"),
     ("type-lr-yaml", None, ["optim.lr=fast"], "optim.lr"),
     ("type-section", "predict: [1, 2]\n", [], "predict"),

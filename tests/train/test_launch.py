@@ -83,6 +83,18 @@ def test_two_processes_one_events_file_and_eval_matches(tmp_path, capsys):
     assert value == pytest.approx(logged, rel=1e-5, abs=1e-5)
 
 
+def test_shared_memory_averaging_takes_the_gloo_runs_steps(reference, tmp_path):
+    """dist.shared_memory=true (the quickstart's 256 bytes would use Gloo by default):
+    at 2 ranks the sums are exact either way, so the runs match step for step."""
+    proc = run_launch(
+        ["--nproc-per-node", "2", *JOB, "dist.shared_memory=true", *dirs(tmp_path)],
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_params_close(final_params(reference / "ck"), final_params(tmp_path / "ck"), atol=0)
+    assert scalars(reference / "tb")["loss/train"] == scalars(tmp_path / "tb")["loss/train"]
+
+
 def test_resume_on_two_ranks(reference, tmp_path):
     """Must show 3, 2 ranks: stopped after 300 steps and started again == uninterrupted."""
     half = STEPS // 2
