@@ -21,7 +21,7 @@ Three cases (``--case``, all by default):
 
 The amortized model is compute-bound: an amortized MLP encoder (guide) and decoder (model), hidden
 width 256, a 10-d local latent per datapoint and 100-d binary data, with the ELBO
-estimated at the plate's subsample. Six ways to train it, one thread per rank:
+estimated at the plate's subsample. Seven ways to train it, one thread per rank:
 
 - ``plain SVI``: :class:`~distsvi.infer.SVI` in one process;
 - ``DataParallelSVI``: at world size 1 (no process group: the overhead of the wrapper) and
@@ -30,7 +30,10 @@ estimated at the plate's subsample. Six ways to train it, one thread per rank:
   ``torch.nn.parallel.DistributedDataParallel``, on 1 and 2 ranks (the floor);
 - ``hand-written, no DDP``: that model without the DDP wrapper, in one process. DDP at
   world size 1 still runs its reducer, so the summary also gives DDP's speed-up against
-  this step, the one a user leaving a single process would compare with.
+  this step, the one a user leaving a single process would compare with;
+- ``DataParallelSVI, Gloo`` (amortized and wide cases, 2 ranks): ``shared_memory=False``,
+  Gloo's TCP all-reduce in buckets (overlapping backward), where the default averages
+  these models' gradients through shared memory (see :mod:`distsvi.distributed.shm`).
 
 The build machine is a shared virtual machine whose speed drifts by 10-40% over tens of
 seconds (measured: the same SVI step took 7.9 ms and, a minute later, 5.0 ms in one
@@ -185,7 +188,12 @@ def allreduce_stepper(numel: int) -> Callable[[], float]:
 
 
 def distsvi_stepper(
-    tag: str, parallel: bool, x: torch.Tensor, batch: int, case: str = "amortized"
+    tag: str,
+    parallel: bool,
+    x: torch.Tensor,
+    batch: int,
+    case: str = "amortized",
+    shared_memory: bool | None = None,
 ) -> Callable[[], float]:
     """A step of distsvi's SVI on the model, with its own params (named after ``tag``)."""
     import distsvi as pyro
@@ -210,7 +218,7 @@ def distsvi_stepper(
             pyro.sample("z", D.Normal(loc, log_scale.exp()).to_event(1))
 
     svi = SVI(model, guide, Adam({"lr": LR[case]}), Trace_ELBO())
-    stepper = DataParallelSVI(svi) if parallel else svi
+    stepper = DataParallelSVI(svi, shared_memory=shared_memory) if parallel else svi
     return lambda: stepper.step(x, batch)
 
 
@@ -310,6 +318,8 @@ def _rank(
         if world_size == 1:
             steppers["plain"] = distsvi_stepper("plain", False, x, batch, case)
             steppers["hand"] = ddp_stepper(x, batch, case, ddp=False)
+        else:  # the default averages these gradients through shared memory
+            steppers["dp_gloo"] = distsvi_stepper("dpg", True, x, batch, case, shared_memory=False)
     names = list(steppers)
     blocks = -(-steps // block)
     times: dict[str, list[float]] = {name: [] for name in names}  # s/step, one per block
@@ -376,6 +386,7 @@ ROWS = [
     ("plain SVI", "plain", 1),
     ("DataParallelSVI", "dp", 1),
     ("DataParallelSVI", "dp", 2),
+    ("DataParallelSVI, Gloo", "dp_gloo", 2),
     ("hand-written, no DDP", "hand", 1),
     ("torch DDP (hand-written)", "ddp", 1),
     ("torch DDP (hand-written)", "ddp", 2),
@@ -483,8 +494,11 @@ def _run_case(case: str, batch: int, steps: int, block: int, args: Any) -> list[
             times[impl, world_size] = per_block
     seconds = {key: statistics.fmean(ts) for key, ts in times.items()}
     for label, impl, world_size in ROWS:
+        if (impl, world_size) not in seconds:
+            continue
         s = seconds[impl, world_size]
-        base = {"dp": seconds["plain", 1], "hand": s}.get(impl, seconds[impl, 1])
+        plain = seconds["plain", 1]
+        base = {"dp": plain, "dp_gloo": plain, "hand": s}.get(impl) or seconds[impl, 1]
         print(
             f"{case:<10}{label:<26}{world_size:>6}{batch:>12}{1e3 * s:>10.2f}"
             f"{world_size * batch / s:>14.0f}{world_size * base / s:>9.2f}x"
@@ -518,6 +532,11 @@ def _run_case(case: str, batch: int, steps: int, block: int, args: Any) -> list[
         f"{case}, batch {batch}: at 2 ranks distsvi trains {seconds['ddp', 2] / seconds['dp', 2]:.2f}x "
         f"as many datapoints/s as DDP (same model, batch and ranks)"
     )
+    if ("dp_gloo", 2) in seconds:
+        lines.append(
+            f"{case}, batch {batch}: distsvi's 2-rank step with Gloo's all-reduce instead of "
+            f"its default takes {seconds['dp_gloo', 2] / seconds['dp', 2]:.2f}x as long"
+        )
     if ("allreduce", 2) in seconds:
         extra = seconds["dp", 2] - seconds["dp", 1]
         lines.append(

@@ -45,6 +45,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .process_group import ProcessGroup
+from . import reduce
 from .reduce import all_ranks, average_and_check_, wait_all
 
 logger = logging.getLogger(__name__)
@@ -52,12 +53,6 @@ logger = logging.getLogger(__name__)
 # Where segments live; a ``tmpfs`` on Linux. Ranks that cannot see each other's files
 # here are on different machines (or in different containers) and use Gloo.
 SHM_DIR = "/dev/shm"
-
-# Below this many bytes of gradients, Gloo's one bucket (or its gather, for a few
-# kilobytes) costs about what the two barriers cost, and the segments would be
-# memory spent for nothing (measured on 2 cores: 240 KB, 1.0 ms through shared memory,
-# about 1 ms for the Gloo all-reduce of one bucket).
-MIN_BYTES = 1 << 20
 
 
 class SharedMemoryReducer:
@@ -137,8 +132,13 @@ def _eligible(tensors: Sequence[Tensor], group: ProcessGroup, mode: bool | None)
         return False
     if any(t.dtype != dtype or t.device.type != "cpu" for t in tensors):
         return False
+    # Gradients small enough for Gloo to gather in one bucket (a few kilobytes) take one
+    # collective that way against two barriers here. Above that, shared memory is faster:
+    # 240 KB at 2 ranks, 10.4-11.6 ms steps against 10.6-12.0 ms with Gloo's all-reduce
+    # (the amortized model of benchmarks/scaling.py, interleaved); 256 bytes, 3.6 ms
+    # against 3.2 ms gathered (the latency case).
     nbytes = sum(t.numel() for t in tensors) * dtype.itemsize
-    return mode is True or nbytes >= MIN_BYTES
+    return mode is True or nbytes * group.world_size > reduce.GATHER_MAX_BYTES
 
 
 def _path(tag: str, rank: int) -> str:
@@ -193,8 +193,10 @@ def shared_memory_reducer(
     :param tensors: the gradients' tensors, in the order all ranks agreed on.
     :param group: the process group.
     :param float busy_wait_s: poll the barriers this long before blocking.
-    :param mode: ``None`` (auto): CPU ranks, one float dtype and at least
-        :data:`MIN_BYTES` of gradients; ``True``: whatever the size; ``False``: never.
+    :param mode: ``None`` (auto): CPU ranks, one float dtype, and more gradient bytes
+        than Gloo gathers in one bucket (world size times the bytes above
+        :data:`~distsvi.distributed.reduce.GATHER_MAX_BYTES`); ``True``: whatever the
+        size; ``False``: never.
     """
     if not _eligible(tensors, group, mode):
         return None

@@ -106,9 +106,10 @@ class DataParallelSVI:
     :param shared_memory: on CPU (Gloo), average the gradients through segments of
         ``/dev/shm`` that the ranks of one machine all map, instead of Gloo's TCP
         all-reduce (see :mod:`distsvi.distributed.shm`). ``None`` (default): when every
-        rank can map every other rank's segment and the gradients take at least
-        :data:`~distsvi.distributed.shm.MIN_BYTES`; ``True``: whatever their size;
-        ``False``: never. Where some rank cannot map the segments (ranks on several
+        rank can map every other rank's segment and the gradients are too large for Gloo
+        to gather in one bucket (world size times bytes above
+        :data:`~distsvi.distributed.reduce.GATHER_MAX_BYTES`, 256 KiB); ``True``:
+        whatever their size; ``False``: never. Where some rank cannot map the segments (ranks on several
         machines) all ranks use Gloo. Its buckets do not overlap backward.
 
     Example::

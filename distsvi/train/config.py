@@ -222,7 +222,7 @@ class DistConfig:
     shared_memory: str = "auto"
     """On CPU, average gradients through /dev/shm segments that the ranks of one machine
     all map instead of Gloo's TCP all-reduce: auto (when every rank can map every other's
-    and the gradients take at least 1 MiB), true (whatever their size) or false. Ranks on
+    and the gradients times the world size exceed 256 KiB), true (whatever their size) or false. Ranks on
     several machines use Gloo either way."""
     local_params: str = "sharded"
     """sharded (rank r stores and updates only its own block of the rows of local params,

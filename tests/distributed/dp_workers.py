@@ -275,6 +275,7 @@ def count_collectives(group: ProcessGroup, bucket_cap_mb: float) -> dict:
         SVI(many_params_model, empty_guide, Adam({"lr": 0.01}), Trace_ELBO()),
         group,
         bucket_cap_mb=bucket_cap_mb,
+        shared_memory=False,  # 200 KB: shared memory by default, one pair of barriers
     )
     dp.step(None, y, batch=8)  # creates, checks and broadcasts the params
     # a small bucket on Gloo is gathered and summed rather than all-reduced: count both

@@ -124,7 +124,11 @@ def test_each_rank_holds_only_its_block_of_training_rows():
     assert n == 1800
     for rank, r in enumerate((r0, r1)):
         lo, hi = rank * n // 2, (rank + 1) * n // 2
-        assert (r["block"]["rows"], r["block"]["offset"], r["block"]["num_train"]) == (hi - lo, lo, n)
+        assert (r["block"]["rows"], r["block"]["offset"], r["block"]["num_train"]) == (
+            hi - lo,
+            lo,
+            n,
+        )
         assert r["block"]["losses"] == pytest.approx(r["whole"]["losses"], rel=1e-6)
         for name, entry in r["whole"]["params"].items():
             got = r["block"]["params"][name]

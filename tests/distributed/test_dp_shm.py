@@ -40,7 +40,7 @@ def test_three_ranks_match_gloo_and_each_other(tmp_path):
         assert_same(results[0]["shm"]["params"], r["shm"]["params"])
 
 
-def test_default_uses_shared_memory_from_a_mebibyte_of_gradients(tmp_path):
+def test_default_uses_shared_memory_above_what_gloo_gathers(tmp_path):
     for r in ok(run_ranks(sw.auto_choice, str(tmp_path))):
         assert r == {"small": "BucketReducer", "wide": "SharedMemoryReducer"}
 
