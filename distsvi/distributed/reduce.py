@@ -4,7 +4,8 @@ Everything here is called by every rank of a :class:`~distsvi.distributed.Proces
 in the same order (a collective that only some ranks reach hangs). Gradients travel in
 contiguous buckets of about ``bucket_cap_mb``, one asynchronous collective per bucket
 (DESIGN.md invariant 6); decisions that change control flow are all-reduced before any
-rank acts on them (invariant 4).
+rank acts on them (invariant 4). CPU ranks that share a machine average through shared
+memory instead (:mod:`distsvi.distributed.shm`), with these functions' barriers.
 """
 
 from __future__ import annotations

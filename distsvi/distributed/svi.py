@@ -37,8 +37,10 @@ class DataParallelSVI:
     backward:
 
     - the gradients of the params touched are averaged over ranks in buckets of about
-      ``bucket_cap_mb``, one asynchronous all-reduce per bucket; the loss rides in the last
-      bucket, so :meth:`step` returns the loss averaged over ranks;
+      ``bucket_cap_mb``, one asynchronous all-reduce per bucket (CPU ranks of one machine
+      average all but small gradients through shared memory instead; see
+      ``shared_memory``); the loss rides along, so :meth:`step` returns the loss averaged
+      over ranks;
     - buckets follow a layout of param names agreed by all ranks; a rank whose set of
       params differs from it (at the first step, when params are created lazily) says so
       with a flag in that same collective, so no rank acts alone. Then the sets are

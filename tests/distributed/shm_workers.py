@@ -25,7 +25,7 @@ def _empty_guide(x, y, batch=None):
     pass
 
 
-def _train(group: ProcessGroup, width: int, steps: int, **dp_kwargs) -> dict:
+def _train(group: ProcessGroup, width: int, steps: int, list_dir: bool = True, **dp_kwargs) -> dict:
     """An MLP regression (two hidden layers of ``width``) trained ``steps`` steps."""
     global _NET
     pyro.clear_param_store()
@@ -47,7 +47,7 @@ def _train(group: ProcessGroup, width: int, steps: int, **dp_kwargs) -> dict:
     losses, listed = [], None
     for _ in range(steps):
         losses.append(dp.step(x, y, batch=32))
-        if listed is None:
+        if listed is None and list_dir:
             listed = sorted(os.listdir(shm.SHM_DIR))
     return {
         "params": {k: v.detach().clone() for k, v in _NET.state_dict().items()},
@@ -100,3 +100,22 @@ def rank_1_fails(group: ProcessGroup, shm_dir: str) -> dict:
 
         svi_module.SVI._apply = failing
     return _train(group, 32, 10, shared_memory=True)
+
+
+def no_shm_dir(group: ProcessGroup, missing: str) -> dict:
+    """No shared-memory directory at all (another OS, a container without one): a forced
+    ``shared_memory=True`` falls back to Gloo on every rank and says why."""
+    import logging
+
+    shm.SHM_DIR = missing
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    log = logging.getLogger("distsvi.distributed.shm")
+    log.addHandler(handler)
+    try:
+        out = _train(group, 32, 3, shared_memory=True, list_dir=False)
+    finally:
+        log.removeHandler(handler)
+    out["said"] = said
+    return out

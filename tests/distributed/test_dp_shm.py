@@ -54,6 +54,14 @@ def test_ranks_that_cannot_map_each_others_segments_all_use_gloo(tmp_path):
     assert_same(r0["params"], r1["params"])
 
 
+def test_without_a_shared_memory_directory_a_forced_run_uses_gloo_and_says_why(tmp_path):
+    missing = tmp_path / "no_such_dir"
+    for r in ok(run_ranks(sw.no_shm_dir, str(missing))):
+        assert r["reducer"] == "BucketReducer"
+        assert any("Gloo" in m and str(missing) in m for m in r["said"]), r["said"]
+        assert not torch.equal(r["params"]["0.weight"], r["init"]["0.weight"])
+
+
 def test_nan_gradient_on_one_rank_skips_the_step_on_both(tmp_path):
     r0, r1 = ok(run_ranks(w.nan_on_rank_1, {5}, 3, True))
     for r in (r0, r1):
