@@ -41,6 +41,7 @@ class ProcessGroup:
         (world size 1).
     :param torch_group: the ``torch.distributed`` group collectives use; ``None`` means the
         default (world) group.
+    :param float timeout_s: how long a rank waits for the others (the group's timeout).
     """
 
     rank: int = 0
@@ -49,6 +50,7 @@ class ProcessGroup:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str | None = None
     torch_group: dist.ProcessGroup | None = None
+    timeout_s: float = DEFAULT_TIMEOUT.total_seconds()
 
     @property
     def is_main(self) -> bool:
@@ -207,7 +209,10 @@ def init(
             backend, rank=rank, world_size=world_size, timeout=timeout, **kwargs
         )
         logger.info("rank %d/%d joined the %s process group", rank, world_size, backend)
-    return ProcessGroup(rank, world_size, local_rank, device, backend if world_size > 1 else None)
+    backend = backend if world_size > 1 else None
+    return ProcessGroup(
+        rank, world_size, local_rank, device, backend, timeout_s=timeout.total_seconds()
+    )
 
 
 def current() -> ProcessGroup:

@@ -58,19 +58,19 @@ def _train(group: ProcessGroup, width: int, steps: int, list_dir: bool = True, *
     }
 
 
-def shm_vs_gloo(group: ProcessGroup, shm_dir: str, steps: int) -> dict:
+def shm_vs_gloo(group: ProcessGroup, shm_dir: str, steps: int, spin: bool) -> dict:
     """The same training averaged through shared memory (forced) and by Gloo."""
-    shm.SHM_DIR = shm_dir
+    shm.SHM_DIR, shm.SPIN_BARRIERS = shm_dir, spin
     return {
         "shm": _train(group, 32, steps, shared_memory=True),
         "gloo": _train(group, 32, steps, shared_memory=False),
     }
 
 
-def auto_choice(group: ProcessGroup, shm_dir: str) -> dict:
+def auto_choice(group: ProcessGroup, shm_dir: str, spin: bool) -> dict:
     """Which reducer the default picks for a small net (5.5 KB, gathered by Gloo) and a
-    wide one (1.1 MB)."""
-    shm.SHM_DIR = shm_dir
+    wide one (1.1 MB), with counter or Gloo barriers."""
+    shm.SHM_DIR, shm.SPIN_BARRIERS = shm_dir, spin
     return {"small": _train(group, 32, 2)["reducer"], "wide": _train(group, 512, 2)["reducer"]}
 
 

@@ -10,11 +10,23 @@ import shm_workers as sw
 import torch
 from dp_harness import RankError, assert_same, ok, run_ranks
 
+from distsvi.distributed.shm import SPIN_BARRIERS
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
+BARRIERS = [
+    pytest.param(
+        True,
+        id="counter-barriers",
+        marks=pytest.mark.skipif(not SPIN_BARRIERS, reason="counter barriers need x86"),
+    ),
+    pytest.param(False, id="gloo-barriers"),
+]
 
-def test_two_ranks_train_exactly_as_with_gloo_and_leave_no_files(tmp_path):
-    r0, r1 = ok(run_ranks(sw.shm_vs_gloo, str(tmp_path), 12))
+
+@pytest.mark.parametrize("spin", BARRIERS)
+def test_two_ranks_train_exactly_as_with_gloo_and_leave_no_files(tmp_path, spin):
+    r0, r1 = ok(run_ranks(sw.shm_vs_gloo, str(tmp_path), 12, spin))
     for r in (r0, r1):
         assert r["shm"]["reducer"] == "SharedMemoryReducer"
         assert r["gloo"]["reducer"] == "BucketReducer"
@@ -29,8 +41,9 @@ def test_two_ranks_train_exactly_as_with_gloo_and_leave_no_files(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_three_ranks_match_gloo_and_each_other(tmp_path):
-    results = ok(run_ranks(sw.shm_vs_gloo, str(tmp_path), 12, world_size=3, timeout=120))
+@pytest.mark.parametrize("spin", BARRIERS)
+def test_three_ranks_match_gloo_and_each_other(tmp_path, spin):
+    results = ok(run_ranks(sw.shm_vs_gloo, str(tmp_path), 12, spin, world_size=3, timeout=120))
     for r in results:
         assert r["shm"]["reducer"] == "SharedMemoryReducer"
         for name, value in r["shm"]["params"].items():
@@ -40,9 +53,13 @@ def test_three_ranks_match_gloo_and_each_other(tmp_path):
         assert_same(results[0]["shm"]["params"], r["shm"]["params"])
 
 
-def test_default_uses_shared_memory_above_what_gloo_gathers(tmp_path):
-    for r in ok(run_ranks(sw.auto_choice, str(tmp_path))):
-        assert r == {"small": "BucketReducer", "wide": "SharedMemoryReducer"}
+@pytest.mark.parametrize("spin", BARRIERS)
+def test_default_uses_shared_memory_where_it_is_faster(tmp_path, spin):
+    # Counter barriers take microseconds: any size. Gloo barriers cost two collectives,
+    # more than Gloo's gather of a few kilobytes.
+    small = "SharedMemoryReducer" if spin else "BucketReducer"
+    for r in ok(run_ranks(sw.auto_choice, str(tmp_path), spin)):
+        assert r == {"small": small, "wide": "SharedMemoryReducer"}
 
 
 def test_ranks_that_cannot_map_each_others_segments_all_use_gloo(tmp_path):

@@ -83,11 +83,12 @@ def test_two_processes_one_events_file_and_eval_matches(tmp_path, capsys):
     assert value == pytest.approx(logged, rel=1e-5, abs=1e-5)
 
 
-def test_shared_memory_averaging_takes_the_gloo_runs_steps(reference, tmp_path):
-    """dist.shared_memory=true (the quickstart's 256 bytes would use Gloo by default):
-    at 2 ranks the sums are exact either way, so the runs match step for step."""
+def test_gloo_averaging_takes_the_shared_memory_runs_steps(reference, tmp_path):
+    """dist.shared_memory=false against the reference run, which averages through shared
+    memory (the default for ranks of one machine): at 2 ranks both sums are exact, so
+    the runs match step for step."""
     proc = run_launch(
-        ["--nproc-per-node", "2", *JOB, "dist.shared_memory=true", *dirs(tmp_path)],
+        ["--nproc-per-node", "2", *JOB, "dist.shared_memory=false", *dirs(tmp_path)],
         timeout=180,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
