@@ -31,9 +31,10 @@ estimated at the plate's subsample. Seven ways to train it, one thread per rank:
 - ``hand-written, no DDP``: that model without the DDP wrapper, in one process. DDP at
   world size 1 still runs its reducer, so the summary also gives DDP's speed-up against
   this step, the one a user leaving a single process would compare with;
-- ``DataParallelSVI, Gloo`` (amortized and wide cases, 2 ranks): ``shared_memory=False``,
-  Gloo's TCP all-reduce in buckets (overlapping backward), where the default averages
-  these models' gradients through shared memory (see :mod:`distsvi.distributed.shm`).
+- ``DataParallelSVI, Gloo`` (2 ranks): ``shared_memory=False``, Gloo's TCP all-reduce in
+  buckets (overlapping backward; a small bucket gathered), where the default averages
+  the gradients of ranks on one machine through shared memory (see
+  :mod:`distsvi.distributed.shm`).
 
 The build machine is a shared virtual machine whose speed drifts by 10-40% over tens of
 seconds (measured: the same SVI step took 7.9 ms and, a minute later, 5.0 ms in one
@@ -114,7 +115,7 @@ def quickstart_data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def latency_distsvi_stepper(
-    tag: str, parallel: bool, data: tuple, batch: int
+    tag: str, parallel: bool, data: tuple, batch: int, shared_memory: bool | None = None
 ) -> Callable[[], float]:
     """The quickstart's model (the job's built-in logistic regression) and AutoNormal."""
     from distsvi.distributed import DataParallelSVI
@@ -128,7 +129,7 @@ def latency_distsvi_stepper(
     guide = AutoNormal(model)
     guide._pyro_name = f"{tag}.AutoNormal"  # params of its own, beside the other stepper's
     svi = SVI(model, guide, Adam({"lr": 0.05}), Trace_ELBO())
-    stepper = DataParallelSVI(svi) if parallel else svi
+    stepper = DataParallelSVI(svi, shared_memory=shared_memory) if parallel else svi
     x, y = data
     return lambda: stepper.step(x, y, size=x.shape[0], subsample_size=batch)
 
@@ -309,6 +310,7 @@ def _rank(
             steppers["hand"] = latency_ddp_stepper(data, batch, ddp=False)
         else:  # the step's gradients (loc and scale of 31 values) and the 2-float trailer
             steppers["allreduce"] = allreduce_stepper(2 * (FEATURES + 1) + 2)
+            steppers["dp_gloo"] = latency_distsvi_stepper("dpg", True, data, batch, False)
     else:
         x = make_data(max(8192 if case == "wide" else 32768, 2 * world_size * batch))
         steppers = {

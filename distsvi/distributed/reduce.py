@@ -135,6 +135,7 @@ class BucketReducer:
         self.early = self.carrier if self.carrier >= 0 else len(buckets)
         self.armed = False
         self.started_in_backward = 0
+        self._gathered: list[Tensor] = []
         self._handles = []
         if overlap and self.early > 0:
             bucket_of = {i: b for b, idx in enumerate(buckets) for i in idx}
@@ -229,6 +230,11 @@ class BucketReducer:
                 averaged[i] = flat[offset : offset + n].view_as(tensors[i])
                 offset += n
         trailer_out = flats[self.carrier][-trailer.numel() :].to(trailer.dtype)
+        # Gloo's thread may still hold a gathered buffer just after the wait. Kept until the
+        # next step, the buffer's last reference is never Gloo's: a tensor that Python has
+        # seen, freed last by Gloo's thread, needs the GIL, and a process destroying its
+        # group holds the GIL while it joins that thread (a hang at exit, seen in torch 2.13).
+        self._gathered = [f for f in self.flats if f.dim() == 2]
         self._reset()
         return averaged, torch.cat((trailer_out, nonfinite.to(trailer.device, trailer.dtype)))
 
