@@ -38,8 +38,7 @@ class DataParallelSVI:
 
     - the gradients of the params touched are averaged over ranks in buckets of about
       ``bucket_cap_mb``, one asynchronous all-reduce per bucket (CPU ranks of one machine
-      average all but small gradients through shared memory instead; see
-      ``shared_memory``); the loss rides along, so :meth:`step` returns the loss averaged
+      average through shared memory instead; see ``shared_memory``); the loss rides along, so :meth:`step` returns the loss averaged
       over ranks;
     - buckets follow a layout of param names agreed by all ranks; a rank whose set of
       params differs from it (at the first step, when params are created lazily) says so
@@ -108,11 +107,11 @@ class DataParallelSVI:
     :param shared_memory: on CPU (Gloo), average the gradients through segments of
         ``/dev/shm`` that the ranks of one machine all map, instead of Gloo's TCP
         all-reduce (see :mod:`distsvi.distributed.shm`). ``None`` (default): when every
-        rank can map every other rank's segment and the gradients are too large for Gloo
-        to gather in one bucket (world size times bytes above
-        :data:`~distsvi.distributed.reduce.GATHER_MAX_BYTES`, 256 KiB); ``True``:
-        whatever their size; ``False``: never. Where some rank cannot map the segments (ranks on several
-        machines) all ranks use Gloo. Its buckets do not overlap backward.
+        rank can map every other rank's segment (on x86, whatever the size; elsewhere,
+        whose barriers are Gloo all-reduces, when the gradients are too large for Gloo to
+        gather in one bucket); ``True``: whatever their size; ``False``: never. Where some
+        rank cannot map the segments (ranks on several machines) all ranks use Gloo. It
+        does not overlap backward.
 
     Example::
 

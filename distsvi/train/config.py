@@ -221,9 +221,9 @@ class DistConfig:
     """On CPU, give each rank of a node cores of its own (cores // ranks per node)."""
     shared_memory: str = "auto"
     """On CPU, average gradients through /dev/shm segments that the ranks of one machine
-    all map instead of Gloo's TCP all-reduce: auto (when every rank can map every other's
-    and the gradients times the world size exceed 256 KiB), true (whatever their size) or false. Ranks on
-    several machines use Gloo either way."""
+    all map instead of Gloo's TCP all-reduce: auto (when every rank can map every other's;
+    off x86 only gradients too large for Gloo to gather in one bucket), true or false.
+    Ranks on several machines use Gloo either way."""
     local_params: str = "sharded"
     """sharded (rank r stores and updates only its own block of the rows of local params,
     which never enter the all-reduce, and holds only that block of the in-memory training
