@@ -75,8 +75,8 @@ SPIN_BARRIERS = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"
 # A segment's control page: int64 words 0 (the barrier counter) and 1 (the owner's pid),
 # then two areas of float64 numbers summed by the two barriers of a step.
 CONTROL_BYTES = 4096
-_AREAS = slice(8, 8 + 2 * 16)  # in float64 words: 2 areas of 16 numbers
 AREA_SIZE = 16
+_AREAS = slice(8, 8 + 2 * AREA_SIZE)  # in float64 words
 
 
 class SharedMemoryReducer:
@@ -85,7 +85,9 @@ class SharedMemoryReducer:
     :class:`~distsvi.distributed.reduce.BucketReducer`; it starts nothing during
     backward (the copies are memory traffic on the rank's own cores either way).
 
-    Build it with :func:`shared_memory_reducer`, which makes the segments.
+    Build it with :func:`shared_memory_reducer`, which makes the segments. ``spin``:
+    counter barriers (else Gloo all-reduces); ``check_pids``: whether a waiting rank can
+    see a peer's process exit.
     """
 
     started_in_backward = 0
@@ -95,9 +97,9 @@ class SharedMemoryReducer:
         tensors: Sequence[Tensor],
         group: ProcessGroup,
         maps: list[mmap.mmap],
-        busy_wait_s: float = 0.0,
-        spin: bool = SPIN_BARRIERS,
-        check_pids: bool = True,
+        busy_wait_s: float,
+        spin: bool,
+        check_pids: bool,
     ) -> None:
         self.tensors = list(tensors)
         self.group = group
@@ -334,4 +336,4 @@ def shared_memory_reducer(
     # Whether a peer's exit can be seen from here (not across pid namespaces).
     pids = [memoryview(mm)[:16].cast("q")[1] for mm in maps]
     check_pids = all_ranks(all(_alive(p) for p in pids), group)
-    return SharedMemoryReducer(tensors, group, maps, busy_wait_s, check_pids=check_pids)
+    return SharedMemoryReducer(tensors, group, maps, busy_wait_s, SPIN_BARRIERS, check_pids)

@@ -38,8 +38,8 @@ class DataParallelSVI:
 
     - the gradients of the params touched are averaged over ranks in buckets of about
       ``bucket_cap_mb``, one asynchronous all-reduce per bucket (CPU ranks of one machine
-      average through shared memory instead; see ``shared_memory``); the loss rides along, so :meth:`step` returns the loss averaged
-      over ranks;
+      average through shared memory instead; see ``shared_memory``); the loss rides
+      along, so :meth:`step` returns the loss averaged over ranks;
     - buckets follow a layout of param names agreed by all ranks; a rank whose set of
       params differs from it (at the first step, when params are created lazily) says so
       with a flag in that same collective, so no rank acts alone. Then the sets are
