@@ -152,7 +152,12 @@ def _fail(message: str, e: BaseException, elastic: bool) -> None:
 
 
 def _peer_failed(e: BaseException) -> bool:
-    """A collective failed because another rank died (Gloo sees its connection close)."""
+    """A collective failed because another rank died (Gloo sees its connection close; the
+    shared-memory average sees its process gone)."""
+    from distsvi.distributed.shm import PeerExited
+
+    if isinstance(e, PeerExited):
+        return True
     text = str(e)
     return any(
         s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")

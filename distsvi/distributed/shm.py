@@ -79,6 +79,10 @@ AREA_SIZE = 16
 _AREAS = slice(8, 8 + 2 * AREA_SIZE)  # in float64 words
 
 
+class PeerExited(RuntimeError):
+    """A rank's process exited while this rank waited for it (its own error is the cause)."""
+
+
 class SharedMemoryReducer:
     """The averaging of a fixed list of same-dtype CPU gradients over the ranks of one
     host, through segments every rank has mapped. Same interface as
@@ -170,7 +174,7 @@ class SharedMemoryReducer:
         for r in late:
             pid = self.words[r][1]
             if self.check_pids and not _alive(pid):
-                raise RuntimeError(
+                raise PeerExited(
                     f"rank {r} (pid {pid}) exited while rank {self.group.rank} waited for it "
                     "to average gradients; see that rank's error"
                 )

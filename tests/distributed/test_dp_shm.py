@@ -94,4 +94,16 @@ def test_a_rank_that_raises_ends_the_other_instead_of_hanging(tmp_path):
     r0, r1 = run_ranks(sw.rank_1_fails, str(tmp_path), timeout=60)
     assert isinstance(r1, RankError) and "failed on rank 1" in r1.message, r1
     assert isinstance(r0, RankError), "rank 0 must fail when its peer is gone"
+    if SPIN_BARRIERS:  # the counter barrier sees rank 1's process exit, and names it
+        assert r0.type == "PeerExited" and "rank 1 (pid" in r0.message, r0.traceback
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_job_reads_a_peers_exit_as_another_ranks_failure():
+    """Under the launcher, rank 0 then says "another rank failed" in one line instead of
+    reporting an error of its own, so the launcher's root cause stays the failed rank's."""
+    from distsvi import cli
+    from distsvi.distributed.shm import PeerExited
+
+    assert cli._peer_failed(PeerExited("rank 1 (pid 5) exited while rank 0 waited"))
+    assert not cli._peer_failed(RuntimeError("the user's model failed"))

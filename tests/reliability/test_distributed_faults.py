@@ -55,6 +55,11 @@ def test_rank_failure_ends_the_job_in_seconds_whatever_the_timeout(tmp_path):
     assert "distsvi: rank 1: RuntimeError: injected failure in the model" in proc.stderr
     assert "ChildFailedError" not in proc.stderr
     assert "root cause" in proc.stderr and "injected failure" in proc.stderr.split("root cause")[1]
+    # rank 0 sees its peer gone (Gloo's closed connection or, averaging through shared
+    # memory, its exited process) and says so in one line, not as an error of its own
+    assert "distsvi: rank 0: " not in proc.stderr.replace(
+        "distsvi: rank 0: stopping: another rank failed", ""
+    ), proc.stderr[-3000:]
     assert not processes_mentioning(str(tmp_path))
 
 
